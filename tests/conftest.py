@@ -1,0 +1,46 @@
+"""Shared fixtures: every physics test runs on each available backend.
+
+``be`` is parametrised over numpy and cupy; the cupy case skips cleanly where no GPU answers, so
+the same suite is the CPU check in CI and the GPU check on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tissuesim.backend import NUMPY, cupy_status, select_backend
+
+_CUPY_OK, _CUPY_WHY = cupy_status()
+
+
+def gpu_available() -> bool:
+    return _CUPY_OK
+
+
+requires_gpu = pytest.mark.skipif(not _CUPY_OK, reason=f"no GPU: {_CUPY_WHY}")
+
+
+def nvrtc_available() -> bool:
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=[pytest.mark.gpu, requires_gpu])])
+def be(request):
+    """A Backend: numpy always, cupy where a GPU answers."""
+    if request.param == "numpy":
+        return NUMPY
+    return select_backend("cupy")
+
+
+@pytest.fixture
+def gpu_be():
+    """The cupy backend, or skip."""
+    if not _CUPY_OK:
+        pytest.skip(f"no GPU: {_CUPY_WHY}")
+    return select_backend("cupy")

@@ -1,0 +1,85 @@
+"""The voxel grid every field and every cell lives on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A uniform cell-centred voxel grid.
+
+    Attributes
+    ----------
+    shape : (nz, ny, nx) ints. ``nz == 1`` means a 2D simulation in the x-y plane.
+    dx : voxel edge length in um (the same along every axis).
+    origin : (x0, y0, z0) in um, the position of the outer corner of voxel (0, 0, 0).
+
+    Voxel (k, j, i) covers x in [x0 + i dx, x0 + (i+1) dx) and likewise for y (j) and z (k);
+    its centre is at x0 + (i + 1/2) dx. Positions of cells are stored as (x, y, z) in um; arrays
+    of the grid are indexed [z, y, x] (C order, x fastest), matching the HDF5 layout.
+    """
+
+    shape: tuple[int, int, int]
+    dx: float = 10.0
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3 or any(int(n) < 1 for n in self.shape):
+            raise ValueError(f"grid shape must be three positive ints (nz, ny, nx), got {self.shape}")
+        if not self.dx > 0:
+            raise ValueError(f"grid dx must be > 0 um, got {self.dx}")
+        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+        object.__setattr__(self, "origin", tuple(float(o) for o in self.origin))
+
+    @property
+    def nz(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ny(self) -> int:
+        return self.shape[1]
+
+    @property
+    def nx(self) -> int:
+        return self.shape[2]
+
+    @property
+    def ndim(self) -> int:
+        """2 when nz == 1, else 3."""
+        return 2 if self.nz == 1 else 3
+
+    @property
+    def n_voxels(self) -> int:
+        return self.nz * self.ny * self.nx
+
+    @property
+    def voxel_volume_um3(self) -> float:
+        """Volume of one voxel in um^3; in 2D the slab is one voxel (dx) thick."""
+        return self.dx**3
+
+    @property
+    def extent_um(self) -> tuple[float, float, float]:
+        """(Lx, Ly, Lz) in um."""
+        return (self.nx * self.dx, self.ny * self.dx, self.nz * self.dx)
+
+    def centres(self, axis: str) -> np.ndarray:
+        """Voxel-centre coordinates along 'x', 'y' or 'z' in um, float64 (n,)."""
+        i = "xyz".index(axis)
+        n = (self.nx, self.ny, self.nz)[i]
+        return self.origin[i] + (np.arange(n) + 0.5) * self.dx
+
+    def voxel_index(self, positions, xp=np):
+        """Flat voxel index of each position, clipped to the grid.
+
+        positions : (n, 3) float array of x, y, z in um (numpy or cupy, as ``xp``).
+        Returns int64 (n,) flat indices into a C-ordered (nz, ny, nx) array.
+        """
+        o = xp.asarray(self.origin, dtype=positions.dtype)
+        ijk = xp.floor((positions - o) / self.dx).astype(xp.int64)
+        i = xp.clip(ijk[:, 0], 0, self.nx - 1)
+        j = xp.clip(ijk[:, 1], 0, self.ny - 1)
+        k = xp.clip(ijk[:, 2], 0, self.nz - 1)
+        return (k * self.ny + j) * self.nx + i
