@@ -1,0 +1,1 @@
+"""Clinical readouts, sweep reports, figures."""

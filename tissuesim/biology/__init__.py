@@ -1,0 +1,1 @@
+"""Cell types, interaction rules, the blood compartment and therapies."""

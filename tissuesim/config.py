@@ -1,0 +1,299 @@
+"""Configuration schema (dataclasses in Hydra's ConfigStore) and semantic validation.
+
+Hydra and OmegaConf check types and unknown keys against the dataclasses below; :func:`validate`
+checks what types cannot say (signs, allowed values, a dt the chosen field solver cannot take).
+Every problem is reported as a :class:`ConfigError` whose message is one line naming the key, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from tissuesim.biology.therapy import CRS_MANAGEMENT, PRODUCTS, SECOND_DOSE_TRIGGERS, TherapyConfig
+from tissuesim.tissue.schema import TISSUE_SCHEMAS, TissueConfig
+
+BACKEND_NAMES = ("auto", "numpy", "cupy")
+DTYPES = ("float32", "float64")
+SOLVERS = ("auto", "explicit", "lod")
+COMPRESSIONS = ("none", "gzip")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line: key, value, what is allowed."""
+
+
+@dataclass
+class GridConfig:
+    """Voxel grid. nz == 1 is 2D. dx_um: voxel edge in um."""
+
+    name: str = MISSING
+    nx: int = 64
+    ny: int = 64
+    nz: int = 1
+    dx_um: float = 10.0
+
+
+@dataclass
+class BackendConfig:
+    """Array backend: auto (CuPy if a GPU answers, else NumPy), numpy or cupy; field precision."""
+
+    name: str = "auto"
+    dtype: str = "float32"
+
+
+@dataclass
+class FieldConfig:
+    """One reaction-diffusion field (MODEL.md section 2).
+
+    diffusion_um2_per_min : free diffusion coefficient D in um^2/min, scaled per compartment.
+    decay_per_min : first-order loss k in 1/min (ln 2 / half-life).
+    vessel_permeability_um_per_min : P of the Robin exchange with blood at vessel voxels, um/min.
+    solver : auto | explicit | lod.
+    max_substeps : most explicit substeps per step before the explicit solver refuses.
+    """
+
+    units: str = "nM"
+    long_name: str = ""
+    diffusion_um2_per_min: float = 0.0
+    decay_per_min: float = 0.0
+    vessel_permeability_um_per_min: float = 0.0
+    solver: str = "auto"
+    max_substeps: int = 64
+
+
+@dataclass
+class OutputConfig:
+    """What is written when. Intervals in simulated days."""
+
+    snapshot_every_days: float = 1.0
+    timeseries_every_days: float = 0.25
+    checkpoint_every_days: float = 0.0
+    compression: str = "gzip"
+    compression_level: int = 1
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """The whole run. Top-level keys are the contract of DESIGN.md section 4."""
+
+    tissue: TissueConfig = MISSING
+    therapy: TherapyConfig = MISSING
+    grid: GridConfig = MISSING
+    backend: BackendConfig = MISSING
+    seed: int = 0
+    duration_days: float = 30.0
+    dt_min: float = 1.0
+    device: int | None = None
+    resume: str | None = None
+    output: OutputConfig = field(default_factory=OutputConfig)
+    fields: dict[str, FieldConfig] = field(default_factory=dict)
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="grid", name="schema_grid", node=GridConfig)
+    cs.store(group="backend", name="schema_backend", node=BackendConfig)
+    cs.store(group="therapy", name="schema_therapy", node=TherapyConfig)
+    for name, cls in TISSUE_SCHEMAS.items():
+        cs.store(group="tissue", name=f"schema_{name}", node=cls)
+
+
+register_configs()
+
+
+def conf_dir() -> Path:
+    """Folder of the YAML configs: inside the package for a wheel, the repository's conf/ otherwise."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "conf", here.parent / "conf"):
+        if (cand / "config.yaml").is_file():
+            return cand
+    raise FileNotFoundError(f"conf/config.yaml not found next to {here}")
+
+
+def group_options(group: str) -> list[str]:
+    """Names selectable for a config group (YAML files in conf/<group>/)."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+# ---------------------------------------------------------------------------------------------
+# semantic validation
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={_show(value)}: {allowed}")
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, str):
+        return repr(v)
+    if isinstance(v, float) and v.is_integer():
+        return repr(v)
+    return str(v)
+
+
+# Keys whose name ends in these units are lengths, times or rates and must not be negative.
+_NONNEGATIVE_SUFFIXES = (
+    "_um",
+    "_mm",
+    "_days",
+    "_day",
+    "_min",
+    "_hours",
+    "_per_min",
+    "_per_day",
+    "_per_hour",
+    "_um2_per_min",
+    "_um_per_min",
+    "_per_kg",
+    "_per_mm2",
+    "_per_mm3",
+    "_per_ul",
+    "_fraction",
+)
+
+
+def _walk(node: Any, prefix: str):
+    if isinstance(node, DictConfig | dict):
+        for k in node.keys():
+            v = node[k]
+            key = f"{prefix}.{k}" if prefix else str(k)
+            yield from _walk(v, key)
+    elif isinstance(node, ListConfig | list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, node
+
+
+def _check_known_keys(node: DictConfig, prefix: str) -> None:
+    """Reject keys added with '+' that the node's schema does not have (typos like +sed=3)."""
+    cls = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(cls):
+        known = {f.name for f in dataclasses.fields(cls)}
+        for k in node:
+            if k not in known:
+                where = f"'{prefix[:-1]}'" if prefix else "the top level"
+                _fail(f"{prefix}{k}", node[k], f"unknown key in {where}; allowed: {', '.join(sorted(known))}")
+    for k in node:
+        child = node._get_node(k)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            _check_known_keys(child, f"{prefix}{k}.")
+
+
+def explicit_substeps(
+    diffusion_um2_per_min: float, decay_per_min: float, dx_um: float, ndim: int, dt_min: float
+) -> int:
+    """Forward-Euler substeps needed for one step of dt_min (von Neumann limit of the stencil).
+
+    Stable when dt_sub * (2 * ndim * D / dx^2 + k) <= 1; the largest compartment multiplier is 1.
+    """
+    rate = 2.0 * ndim * diffusion_um2_per_min / dx_um**2 + decay_per_min
+    return max(1, math.ceil(dt_min * rate * (1.0 + 1e-12)))
+
+
+def validate(cfg: DictConfig | Config) -> None:
+    """Check what the schema's types cannot; raise ConfigError (one line) on the first problem."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.structured(cfg)
+
+    if cfg.seed < 0 or cfg.seed >= 2**63:
+        _fail("seed", cfg.seed, "must be an integer in [0, 2^63)")
+    if not cfg.duration_days > 0:
+        _fail("duration_days", cfg.duration_days, "must be > 0 days")
+    if not cfg.dt_min > 0:
+        _fail("dt_min", cfg.dt_min, "must be > 0 minutes")
+    if cfg.device is not None and cfg.device < 0:
+        _fail("device", cfg.device, "must be a GPU index >= 0 (or null to let tissuesim choose)")
+
+    _check_known_keys(cfg, "")
+
+    g = cfg.grid
+    for k in ("nx", "ny", "nz"):
+        if g[k] < 1:
+            _fail(f"grid.{k}", g[k], "must be >= 1 voxels")
+    if not g.dx_um > 0:
+        _fail("grid.dx_um", g.dx_um, "must be > 0 um")
+
+    if cfg.backend.name not in BACKEND_NAMES:
+        _fail("backend.name", cfg.backend.name, f"allowed: {', '.join(BACKEND_NAMES)}")
+    if cfg.backend.dtype not in DTYPES:
+        _fail("backend.dtype", cfg.backend.dtype, f"allowed: {', '.join(DTYPES)}")
+
+    o = cfg.output
+    day_min = 1440.0
+    for k in ("snapshot_every_days", "timeseries_every_days"):
+        if not o[k] > 0:
+            _fail(f"output.{k}", o[k], "must be > 0 days")
+        if o[k] * day_min < cfg.dt_min * (1 - 1e-9):
+            _fail(
+                f"output.{k}",
+                o[k],
+                f"must be >= one step (dt_min={cfg.dt_min} min = {cfg.dt_min / day_min:.6g} days)",
+            )
+    if o.compression not in COMPRESSIONS:
+        _fail("output.compression", o.compression, f"allowed: {', '.join(COMPRESSIONS)}")
+    if not 0 <= o.compression_level <= 9:
+        _fail("output.compression_level", o.compression_level, "allowed: 0..9")
+
+    ndim = 2 if g.nz == 1 else 3
+    for name, f in cfg.fields.items():
+        if f.solver not in SOLVERS:
+            _fail(f"fields.{name}.solver", f.solver, f"allowed: {', '.join(SOLVERS)}")
+        if f.max_substeps < 1:
+            _fail(f"fields.{name}.max_substeps", f.max_substeps, "must be >= 1")
+        if f.solver == "explicit" and f.diffusion_um2_per_min > 0:
+            n = explicit_substeps(f.diffusion_um2_per_min, f.decay_per_min, g.dx_um, ndim, cfg.dt_min)
+            if n > f.max_substeps:
+                limit = cfg.dt_min / n * f.max_substeps
+                _fail(
+                    "dt_min",
+                    cfg.dt_min,
+                    f"fields.{name}.solver=explicit needs {n} substeps but max_substeps={f.max_substeps}; "
+                    f"allowed: dt_min <= {limit:.4g} min, or fields.{name}.solver=lod|auto",
+                )
+
+    t = cfg.therapy
+    if t.crs_management not in CRS_MANAGEMENT:
+        _fail("therapy.crs_management", t.crs_management, f"allowed: {', '.join(CRS_MANAGEMENT)}")
+    if not 0 <= t.binder_immunogenicity <= 1:
+        _fail(
+            "therapy.binder_immunogenicity", t.binder_immunogenicity, "allowed: 0 (fully human) .. 1 (murine)"
+        )
+    for i, inf in enumerate(t.infusions):
+        if inf.product not in PRODUCTS:
+            _fail(f"therapy.infusions[{i}].product", inf.product, f"allowed: {', '.join(PRODUCTS)}")
+        if inf.trigger not in SECOND_DOSE_TRIGGERS:
+            _fail(
+                f"therapy.infusions[{i}].trigger", inf.trigger, f"allowed: {', '.join(SECOND_DOSE_TRIGGERS)}"
+            )
+
+    # Lengths, times, rates and doses: never negative, wherever they sit.
+    for key, value in _walk(cfg, ""):
+        leaf = key.rsplit(".", 1)[-1].split("[")[0]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                _fail(key, value, "must be a finite number")
+            if leaf.endswith(_NONNEGATIVE_SUFFIXES) and value < 0 and leaf != "lymphodepletion_day":
+                _fail(key, value, "must be >= 0 (a length, time, rate or dose cannot be negative)")
+
+    if cfg.tissue.name not in TISSUE_SCHEMAS:
+        _fail("tissue.name", cfg.tissue.name, f"allowed: {', '.join(sorted(TISSUE_SCHEMAS))}")
+    check = getattr(OmegaConf.get_type(cfg.tissue), "validate", None)
+    if callable(check):
+        try:
+            check(cfg.tissue)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc).splitlines()[0]) from None

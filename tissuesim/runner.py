@@ -1,0 +1,181 @@
+"""Run a Simulation into a run directory: snapshots.h5, timeseries.csv, summary.json.
+
+Signals. SIGINT and SIGTERM do not kill the run: they ask the step loop to stop at the end of the
+current step; the runner then writes a final snapshot, the timeseries table and the summary (with
+``"status": "interrupted"``), closes the HDF5 file cleanly and raises :class:`Interrupted`, which
+the command line turns into exit status 128 + signal number. A SIGKILL cannot be caught; the
+SWMR file then still holds every snapshot flushed before it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from tissuesim.io.hdf5 import SnapshotWriter
+from tissuesim.simulation import Simulation
+
+log = logging.getLogger("tissuesim")
+
+
+class Interrupted(RuntimeError):
+    """The run stopped early on a signal; its outputs are complete up to the stop."""
+
+    def __init__(self, signum: int, day: float) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name} at day {day:.3f}; outputs closed cleanly"
+        )
+
+
+@contextmanager
+def _stop_on_signals(sim: Simulation):
+    """Route SIGINT/SIGTERM to sim.request_stop while the block runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum, _frame):
+        if sim.stop_signal is not None:  # second signal: the user insists
+            raise KeyboardInterrupt
+        sim.request_stop(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        previous[s] = signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary file and rename it: readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_timeseries_csv(path: Path, ts: dict) -> None:
+    names = list(ts)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(names)
+        for row in zip(*(ts[n] for n in names)):
+            w.writerow([f"{v:.10g}" for v in row])
+    os.replace(tmp, path)
+
+
+def _progress_bar(sim: Simulation, enabled: bool):
+    """tqdm bar over simulated days, refreshed only at output intervals; None off a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=round(sim.duration_days, 6),
+        unit="day",
+        bar_format="{l_bar}{bar}| day {n:.2f}/{total:.0f} [{elapsed}<{remaining}{postfix}]",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+
+def run_to_directory(cfg: DictConfig, run_dir: str | Path, job_num: int | None = None, backend=None) -> dict:
+    """Build the Simulation for ``cfg`` and run it, writing the run directory; returns the summary.
+
+    run_dir must not already hold a snapshots.h5 (runs are never overwritten).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    h5_path = run_dir / "snapshots.h5"
+    if h5_path.exists():
+        raise FileExistsError(f"{h5_path} exists: runs are never overwritten; choose a new hydra.run.dir")
+
+    t0 = time.perf_counter()
+    sim = Simulation(cfg, backend=backend, job_num=job_num)
+    log.info("backend: %s", sim.backend.describe())
+    log.info(
+        "tissue=%s therapy=%s grid=%s %s dx=%g um, dt=%g min, %d steps to day %g",
+        cfg.tissue.name,
+        cfg.therapy.name,
+        cfg.grid.name,
+        sim.grid.shape,
+        sim.grid.dx,
+        sim.dt_min,
+        sim.n_steps,
+        sim.duration_days,
+    )
+    writer = SnapshotWriter(
+        h5_path,
+        shape=sim.grid.shape,
+        fields=sim.field_attrs(),
+        cell_types=sim.cell_types,
+        agent_attrs=sim.agent_attr_dtypes(),
+        timeseries=sim.timeseries_names(),
+        root_attrs=sim.provenance(OmegaConf.to_yaml(cfg, resolve=True)),
+        tissue_writer=sim.tissue.to_hdf5_group,
+        compression=cfg.output.compression,
+        compression_level=cfg.output.compression_level,
+        dx=sim.grid.dx,
+        origin=sim.grid.origin,
+    )
+    bar = _progress_bar(sim, cfg.output.progress)
+    state = {"last_t": time.perf_counter(), "last_step": 0}
+
+    def on_output(s: Simulation) -> None:
+        now = time.perf_counter()
+        rate = (s.step_count - state["last_step"]) / max(now - state["last_t"], 1e-9)
+        state.update(last_t=now, last_step=s.step_count)
+        counts = s.last_counts()
+        if bar is not None:
+            bar.n = round(s.day, 6)
+            bar.set_postfix_str(
+                f"{rate:.0f} steps/s, " + " ".join(f"{k}={v}" for k, v in counts.items() if v), refresh=True
+            )
+        log.debug("day %.3f: %.0f steps/s %s", s.day, rate, counts)
+
+    status = "completed"
+    try:
+        with _stop_on_signals(sim):
+            status = sim.run(writer=writer, on_output=on_output)
+    finally:
+        if bar is not None:
+            bar.close()
+        if sim.step_count and writer.n_snapshots and sim.last_snapshot_step != sim.step_count:
+            sim.write_snapshot(writer)  # the state at the stop, whatever stopped us
+        writer.close()
+        wall = time.perf_counter() - t0
+        if sys.exc_info()[0] is not None and status == "completed":
+            status = "failed"
+        summary = sim.summary(wall_seconds=wall, status=status)
+        write_timeseries_csv(run_dir / "timeseries.csv", sim.timeseries_table())
+        write_json_atomic(run_dir / "summary.json", summary)
+        log.info(
+            "%s: day %.3f after %.1f s (%.0f steps/s); outputs in %s",
+            status,
+            sim.day,
+            wall,
+            summary["steps_per_second"] or 0,
+            run_dir,
+        )
+    if status == "interrupted":
+        raise Interrupted(sim.stop_signal, sim.day)
+    return summary

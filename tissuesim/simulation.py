@@ -1,0 +1,315 @@
+"""The Simulation: state (grid, tissue, fields, cells, blood, clock) and the step loop.
+
+One step of ``dt_min`` minutes runs, in this order (DESIGN.md section 2, one direction only):
+therapy events -> blood -> cells sense fields and move -> fields react and diffuse -> clock.
+The loop never reads device memory inside a step; counts and readouts are copied to the host
+only at output intervals (timeseries rows and snapshots), which are whole numbers of steps.
+
+Usable from Python without Hydra::
+
+    from tissuesim import Simulation, load_config
+    cfg = load_config(["grid=tiny", "duration_days=1"])
+    sim = Simulation(cfg)
+    sim.run()                       # or sim.step() in your own loop
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from tissuesim import provenance
+from tissuesim.analysis.readouts import compute_readouts
+from tissuesim.backend import Backend, select_backend
+from tissuesim.biology.therapy import Event, scheduled_events
+from tissuesim.config import validate
+from tissuesim.grid import Grid
+from tissuesim.units import days
+
+#: Cell type names (DESIGN.md section 5); /agents/type stores the index into this tuple.
+CELL_TYPES = ("b_cell", "plasmablast", "plasma_cell", "cd19_car_t", "bcma_car_t", "anti_car_t", "macrophage")
+
+
+def _steps(interval_days: float, dt_min: float) -> int:
+    """Whole steps in an output interval (at least one)."""
+    return max(1, round(interval_days * days / dt_min))
+
+
+class Simulation:
+    """A tissue patch with its fields, cells and blood, advanced in steps of ``dt_min``.
+
+    Parameters
+    ----------
+    cfg : the run configuration (DictConfig of tissuesim.config.Config); validated here.
+    backend : a Backend to use; default chooses from cfg.backend.name and cfg.device.
+    job_num : Hydra job number in a multirun (spreads jobs over GPUs when device is unset).
+
+    Attributes
+    ----------
+    grid : Grid (nz, ny, nx), dx um.
+    tissue : tissuesim.tissue.Tissue (labels and compartment properties).
+    fields : tissuesim.fields.FieldSet, values (n_fields, nz, ny, nx) on the backend.
+    cells : tissuesim.agents.Population.
+    step_count : steps taken; ``day`` = step_count * dt_min / 1440.
+    """
+
+    def __init__(self, cfg: DictConfig, backend: Backend | None = None, job_num: int | None = None) -> None:
+        if not isinstance(cfg, DictConfig):
+            cfg = OmegaConf.structured(cfg)
+        validate(cfg)
+        self.cfg = cfg
+        self.backend = backend or select_backend(cfg.backend.name, cfg.device, job_num)
+        self.xp = self.backend.xp
+        self.seed = int(cfg.seed)
+        self.dt_min = float(cfg.dt_min)
+        self.duration_days = float(cfg.duration_days)
+        self.n_steps = max(1, round(self.duration_days * days / self.dt_min))
+        g = cfg.grid
+        self.grid = Grid((g.nz, g.ny, g.nx), g.dx_um)
+        self.cell_types = CELL_TYPES
+        self.step_count = 0
+        self.stop_signal: int | None = None
+        self.last_snapshot_step: int | None = None
+        self._ts_rows: list[dict[str, float]] = []
+        self._counts: dict[str, int] = {}
+
+        self._build_tissue()
+        self._build_fields()
+        self._build_cells()
+        self.pending_events: list[Event] = scheduled_events(cfg.therapy)
+        self.event_log: list[Event] = []
+
+    # ---------------------------------------------------------------------------------------
+    # construction
+    def _build_tissue(self) -> None:
+        from tissuesim.tissue import build_tissue
+
+        self.tissue = build_tissue(self.cfg.tissue, self.grid, self.seed)
+
+    def _build_fields(self) -> None:
+        from tissuesim.fields import FieldSet, FieldSpec
+
+        specs = []
+        for name, f in self.cfg.fields.items():
+            specs.append(
+                FieldSpec(
+                    name=name,
+                    diffusion_um2_per_min=f.diffusion_um2_per_min,
+                    decay_per_min=f.decay_per_min,
+                    solver=f.solver,
+                    units=f.units,
+                    long_name=f.long_name,
+                    max_substeps=f.max_substeps,
+                )
+            )
+        self.field_specs = specs
+        vessel = self.tissue.vessel_mask().astype(np.float32)
+        # A vessel voxel exchanges through about one voxel face of wall: rate = P * dx^2 / dx^3.
+        vessel_rate = {
+            name: vessel * (f.vessel_permeability_um_per_min / self.grid.dx)
+            for name, f in self.cfg.fields.items()
+        }
+        self.fields = FieldSet(
+            self.backend,
+            self.grid,
+            specs,
+            D_multiplier={s.name: self.tissue.diffusion_multiplier(s.name) for s in specs},
+            vessel_rate=vessel_rate,
+            dtype=self.cfg.backend.dtype,
+            dt=self.dt_min,
+        )
+        for name, arr in self.tissue.initial_fields.items():
+            if name in self.fields.names:
+                self.fields[name][...] = self.xp.asarray(arr, dtype=self.fields.values.dtype)
+        # Blood concentrations seen by the vessel exchange (n_fields,), kept on the device.
+        # Until the systemic model lands they hold the baseline: autoantibody at 1 (= baseline).
+        c = np.zeros(len(specs), dtype=self.fields.values.dtype)
+        if "autoantibody" in self.fields.names:
+            c[self.fields.index("autoantibody")] = 1.0
+        self.c_blood = self.xp.asarray(c)
+
+    def _build_cells(self) -> None:
+        from tissuesim.agents import Population
+
+        self.cells = Population(self.backend, capacity=1024)
+        for tname, pos in self.tissue.initial_cells.items():
+            if len(pos):
+                self.cells.add(
+                    self.xp.asarray(pos, dtype=np.float32),
+                    self.xp.full(len(pos), self.cell_types.index(tname), dtype=np.uint8),
+                )
+
+    # ---------------------------------------------------------------------------------------
+    # the clock
+    @property
+    def day(self) -> float:
+        return self.step_count * self.dt_min / days
+
+    def request_stop(self, signum: int) -> None:
+        """Ask run() to stop after the current step (signal handlers call this)."""
+        self.stop_signal = signum
+
+    def step(self) -> None:
+        """Advance one step of dt_min minutes."""
+        self._apply_events()
+        self._move_cells()
+        self.fields.step(self.dt_min, c_blood=self.c_blood)
+        self.step_count += 1
+
+    def _apply_events(self) -> None:
+        # Events whose day falls inside this step happen at its start (day 0 events before step 1).
+        t_end = (self.step_count + 1) * self.dt_min / days
+        while self.pending_events and self.pending_events[0].day < t_end - 1e-12:
+            ev = self.pending_events.pop(0)
+            self.event_log.append(ev)
+            if self._writer is not None:
+                self._writer.write_event(ev.day, ev.what, ev.detail)
+
+    def _move_cells(self) -> None:
+        from tissuesim.agents import move
+
+        move(self.cells, self.grid, self.tissue_open, self.dt_min, self.step_count, self.seed)
+
+    # ---------------------------------------------------------------------------------------
+    # outputs
+    _writer = None
+
+    def field_attrs(self) -> dict[str, dict]:
+        return {
+            s.name: {
+                "units": s.units,
+                "long_name": s.long_name,
+                "diffusion_um2_per_min": s.diffusion_um2_per_min,
+                "decay_per_min": s.decay_per_min,
+            }
+            for s in self.field_specs
+        }
+
+    def agent_attr_dtypes(self) -> dict[str, str]:
+        return {"state": "u1", "age_min": "f4"}
+
+    def timeseries_names(self) -> list[str]:
+        return [f"count_{t}" for t in self.cell_types] + [f"mean_{n}" for n in self.fields.names]
+
+    def provenance(self, config_yaml: str) -> dict:
+        return {
+            "tissuesim_version": provenance.version(),
+            "git_commit": provenance.git_commit(),
+            "config": config_yaml,
+            "seed": self.seed,
+            "backend": self.backend.name,
+            "device": -1 if self.backend.device is None else self.backend.device,
+            "dx_um": self.grid.dx,
+            "dt_min": self.dt_min,
+            "shape": np.asarray(self.grid.shape, dtype=np.int64),
+            "created": provenance.now_iso(),
+        }
+
+    def last_counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def record_timeseries(self, writer=None) -> dict[str, float]:
+        """Read counts and field means back to the host (a sync point) and append a row."""
+        types = self.backend.asnumpy(self.cells.type[: self.cells.n])
+        counts = np.bincount(types, minlength=len(self.cell_types))
+        self._counts = {t: int(c) for t, c in zip(self.cell_types, counts)}
+        means = self.backend.asnumpy(self.fields.values.reshape(len(self.fields.names), -1).mean(axis=1))
+        row = {"time": self.day}
+        row.update({f"count_{t}": float(c) for t, c in self._counts.items()})
+        row.update({f"mean_{n}": float(m) for n, m in zip(self.fields.names, means)})
+        self._ts_rows.append(row)
+        if writer is not None:
+            writer.write_timeseries(self.day, row)
+        return row
+
+    def snapshot(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Host copies of the fields {name: (nz, ny, nx)} and cells {attr: (n, ...)}."""
+        vals = self.backend.asnumpy(self.fields.values)
+        fields = {n: vals[i] for i, n in enumerate(self.fields.names)}
+        cells = self.cells.host_arrays()
+        agents = {
+            "position": cells["position"],
+            "type": cells["type"],
+            "id": cells["id"],
+            "state": cells["state"],
+            "age_min": cells["age"],
+        }
+        return fields, agents
+
+    def write_snapshot(self, writer) -> None:
+        fields, agents = self.snapshot()
+        writer.write_snapshot(self.day, fields, agents)
+        self.last_snapshot_step = self.step_count
+
+    def run(
+        self,
+        writer=None,
+        on_output: Callable[[Simulation], None] | None = None,
+        until_day: float | None = None,
+    ) -> str:
+        """Step to ``until_day`` (default the configured duration), writing on schedule.
+
+        Snapshots every output.snapshot_every_days and timeseries rows every
+        output.timeseries_every_days, both at day 0 and at the end. Returns 'completed', or
+        'interrupted' when request_stop() was called (the loop stops after the current step).
+        """
+        self._writer = writer
+        last = self.n_steps if until_day is None else max(0, round(until_day * days / self.dt_min))
+        out = self.cfg.output
+        snap_every = _steps(out.snapshot_every_days, self.dt_min)
+        ts_every = _steps(out.timeseries_every_days, self.dt_min)
+        if self.step_count == 0:
+            self.record_timeseries(writer)
+            if writer is not None:
+                self.write_snapshot(writer)
+            if on_output:
+                on_output(self)
+        status = "completed"
+        while self.step_count < last:
+            self.step()
+            s = self.step_count
+            final = s == last
+            wrote = False
+            if s % ts_every == 0 or final:
+                self.record_timeseries(writer)
+                wrote = True
+            if writer is not None and (s % snap_every == 0 or final):
+                self.write_snapshot(writer)
+                wrote = True
+            if wrote and on_output:
+                on_output(self)
+            if self.stop_signal is not None and not final:
+                status = "interrupted"
+                if not wrote:
+                    self.record_timeseries(writer)
+                break
+        return status
+
+    def timeseries_table(self) -> dict[str, list[float]]:
+        names = ["time", *self.timeseries_names()]
+        return {n: [r.get(n, math.nan) for r in self._ts_rows] for n in names}
+
+    def summary(self, wall_seconds: float, status: str = "completed") -> dict:
+        """summary.json content (DESIGN.md section 5); readouts null where not reached."""
+        ts = {k: np.asarray(v, dtype=float) for k, v in self.timeseries_table().items()}
+        out = {
+            "tissue": self.cfg.tissue.name,
+            "therapy": self.cfg.therapy.name,
+            "seed": self.seed,
+            "backend": self.backend.name,
+            "device": self.backend.device,
+            "duration_days": self.day,
+            "wall_seconds": round(wall_seconds, 3),
+            "steps_per_second": (self.step_count / wall_seconds)
+            if wall_seconds > 0 and self.step_count
+            else None,
+        }
+        out.update(compute_readouts(ts))
+        out["status"] = status
+        out["requested_duration_days"] = self.duration_days
+        out["steps"] = self.step_count
+        out["events"] = [{"day": e.day, "what": e.what, "detail": e.detail} for e in self.event_log]
+        return out
