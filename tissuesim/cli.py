@@ -217,5 +217,48 @@ def main() -> None:
     _hydra_entry()
 
 
+def view_main(argv: list[str] | None = None) -> None:
+    """``tissuesim-view RUN_DIR``: snapshot panels, timeseries figure and movie of a run."""
+    import argparse
+
+    from tissuesim.analysis.figures import render_run
+
+    ap = argparse.ArgumentParser(prog="tissuesim-view", description=view_main.__doc__)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--field", default="il6", help="field shown beside the tissue (default il6)")
+    ap.add_argument(
+        "--z", default="mid", help="3D: z index of the slice, 'mid' (default) or 'max' projection"
+    )
+    ap.add_argument("--snapshots", default="all", help="'all', 'last' or indices like 0,5,-1")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/figures)")
+    ap.add_argument("--no-movie", action="store_true")
+    a = ap.parse_args(argv)
+    z = a.z if a.z in ("mid", "max") else int(a.z)
+    try:
+        res = render_run(a.run_dir, a.field, z, a.out, a.snapshots, movie=not a.no_movie)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"tissuesim-view: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    print(f"{len(res['panels'])} panels, {res['timeseries']}" + (f", {res['movie']}" if res["movie"] else ""))
+
+
+def report_main(argv: list[str] | None = None) -> None:
+    """``tissuesim-report SWEEP_DIR``: one CSV of every job's readouts and overrides, and plots."""
+    import argparse
+
+    from tissuesim.analysis.report import write_report
+
+    ap = argparse.ArgumentParser(prog="tissuesim-report", description=report_main.__doc__)
+    ap.add_argument("sweep_dir", type=Path)
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default SWEEP_DIR)")
+    a = ap.parse_args(argv)
+    try:
+        res = write_report(a.sweep_dir, a.out)
+    except (FileNotFoundError, OSError) as exc:
+        print(f"tissuesim-report: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    print(f"{res['jobs']} jobs -> {res['csv']}, {res['png']}")
+
+
 if __name__ == "__main__":
     main()
