@@ -213,7 +213,7 @@ def compile_cubin(filename: str, arch: str, options: tuple[str, ...] = (), name_
     prog = nvrtc.createProgram(src, filename, [], [])
     try:
         for ne in name_expressions:
-            nvrtc.addAddNameExpression(prog, ne)
+            nvrtc.addNameExpression(prog, ne)
         opts = [*nvrtc_options(options), f"-arch={arch}"]
         try:
             nvrtc.compileProgram(prog, opts)

@@ -1,0 +1,234 @@
+"""FieldSet: conservation, budget accounting, solver choice and stability errors, API contracts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tissuesim.fields import (
+    FieldSet,
+    FieldSpec,
+    diffuse_explicit,
+    explicit_stable_dt,
+    ops,
+    substeps_needed,
+)
+from tissuesim.grid import Grid
+
+
+def _random_multiplier(rng, shape, zeros=True):
+    m = rng.uniform(0.2, 1.8, shape)
+    if zeros:
+        m[rng.random(shape) < 0.05] = 0.0  # impermeable voxels
+    return m
+
+
+@pytest.mark.parametrize("solver", ["explicit", "lod"])
+def test_zero_flux_conserves_mass(be, solver):
+    """float64, 3D 6x8x10, variable D with impermeable voxels, one periodic axis (y); 1000 steps.
+    The total may change by < 1e-10 relative (a sign slip in any face term breaks this)."""
+    rng = np.random.default_rng(1)
+    grid = Grid((6, 8, 10), dx=10.0)
+    specs = [
+        FieldSpec("a", 100.0, solver=solver),
+        FieldSpec("b", 30.0, solver=solver, bc={"y-": "periodic", "y+": "periodic"}),
+    ]
+    mult = {"a": _random_multiplier(rng, grid.shape), "b": _random_multiplier(rng, grid.shape)}
+    dt = 0.1 if solver == "explicit" else 2.0  # explicit: 1 substep (limit 0.167 min)
+    fs = FieldSet(be, grid, specs, D_multiplier=mult, dtype="float64", dt=dt)
+    fs.values[...] = be.asarray(rng.random(fs.values.shape))
+    u0 = be.asnumpy(fs.values).copy()
+    tot0 = u0.reshape(2, -1).sum(axis=1)
+    for _ in range(1000):
+        fs.step()
+    u = be.asnumpy(fs.values)
+    rel = np.abs(u.reshape(2, -1).sum(axis=1) - tot0) / tot0
+    assert np.all(rel < 1e-10), rel
+    assert np.abs(u - u0).max() > 0.05  # it did diffuse
+    for b in fs.budget().values():
+        assert abs(b["imbalance"]) < 1e-10 * b["total"]
+
+
+@pytest.mark.parametrize("solver", ["explicit", "lod"])
+def test_budget_balances_with_dirichlet_vessels_sources(be, solver):
+    """float64, 2D 16x20: Dirichlet on x- (1.0) and y+ (0.3), vessels (c_blood 2.0), source,
+    uptake and decay, 300 steps (explicit: 3 substeps each). change of total == in - out to round-off, and every term is
+    non-trivial (so each accumulator is really checked)."""
+    rng = np.random.default_rng(2)
+    grid = Grid((1, 16, 20), dx=10.0)
+    bc = {"x-": 1.0, "y+": ("dirichlet", 0.3)}
+    specs = [
+        FieldSpec("a", 100.0, decay_per_min=0.01, solver=solver, bc=bc),
+        FieldSpec("d", 0.0, decay_per_min=0.02),  # no diffusion: reactions only
+    ]
+    vr = np.where(rng.random(grid.shape) < 0.1, 0.5, 0.0)
+    dt = 0.6 if solver == "explicit" else 1.0  # explicit: 3 substeps
+    fs = FieldSet(
+        be,
+        grid,
+        specs,
+        D_multiplier={"a": _random_multiplier(rng, grid.shape)},
+        vessel_rate=vr,
+        dtype="float64",
+        dt=dt,
+    )
+    fs.values[...] = be.asarray(rng.random(fs.values.shape))
+    src = be.asarray(0.01 * rng.random(fs.values.shape))
+    upt = be.asarray(0.02 * rng.random(fs.values.shape))
+    cb = be.asarray(np.array([2.0, 0.5]))
+    for _ in range(300):
+        fs.step(source=src, uptake=upt, c_blood=cb)
+    b = fs.budget()
+    for name in ("a", "d"):
+        t = b[name]
+        scale = max(abs(t[k]) for k in ("change", "vessel_in", "source_in", "decay_out", "uptake_out"))
+        assert abs(t["imbalance"]) < 1e-11 * scale, (name, t)
+        for term in ("vessel_in", "source_in", "decay_out", "uptake_out"):
+            assert abs(t[term]) > 1e-3 * scale, (name, term, t)
+    assert abs(b["a"]["dirichlet_in"]) > 1e-3 * abs(b["a"]["source_in"])
+    assert b["d"]["dirichlet_in"] == 0.0
+
+
+def test_reaction_is_exact_exponential(be):
+    """No diffusion, uniform: du/dt = S - (k + lam + vr) u + vr c_b has the closed form
+    u_inf + (u0 - u_inf) e^{-a t}; one step of any length must reproduce it (float64, 1e-12)."""
+    grid = Grid((1, 4, 5), dx=10.0)
+    k, lam, vr, cb, S, u0, t = 0.05, 0.1, 0.3, 2.0, 0.4, 1.5, 7.0
+    fs = FieldSet(
+        be,
+        grid,
+        [FieldSpec("d", 0.0, decay_per_min=k)],
+        vessel_rate=np.full(grid.shape, vr),
+        dtype="float64",
+        dt=t,
+    )
+    fs.values[...] = u0
+    shape = fs.values.shape
+    fs.step(
+        source=be.asarray(np.full(shape, S)),
+        uptake=be.asarray(np.full(shape, lam)),
+        c_blood=be.asarray(np.array([cb])),
+    )
+    a = k + lam + vr
+    u_inf = (S + vr * cb) / a
+    ref = u_inf + (u0 - u_inf) * np.exp(-a * t)
+    np.testing.assert_allclose(be.asnumpy(fs.values), ref, rtol=1e-12)
+
+
+def test_stable_dt_formula_is_the_real_limit():
+    """A checkerboard on a periodic 2D grid is the most unstable mode: one forward-Euler substep
+    multiplies it by 1 - 8 D h/dx^2, so |factor| < 1 just below explicit_stable_dt and > 1 above."""
+    D, dx = 50.0, 4.0
+    lim = explicit_stable_dt(D, dx, ndim=2)
+    assert lim == pytest.approx(dx**2 / (4 * D))
+    assert explicit_stable_dt(D, dx, ndim=3, k=0.5) == pytest.approx(1 / (6 * D / dx**2 + 0.5))
+    n = 8
+    cb = np.indices((n, n)).sum(axis=0) % 2 * 2.0 - 1.0
+    u = cb.reshape(1, 1, n, n).astype(np.float64)
+    Df = np.full_like(u, D)
+    kinds = np.full((1, 6), ops.BC_PERIODIC, dtype=np.int32)
+    kinds[0, 4:] = ops.BC_ZERO_FLUX
+    vals = np.zeros((1, 6))
+    slots = np.zeros(1, dtype=np.int32)
+    for frac, grows in ((0.95, False), (1.05, True)):
+        out = np.empty_like(u)
+        ops.explicit_substep_numpy(u, out, Df, slots, kinds, vals, frac * lim / dx**2)
+        factor = np.abs(out).max()
+        assert (factor > 1) == grows, (frac, factor)
+    assert substeps_needed(1.0, D, dx, 2) == int(np.ceil(1.0 / lim))
+    assert substeps_needed(lim, D, dx, 2) == 1
+    assert substeps_needed(1.0, 0.0, dx, 2) == 0
+
+
+def test_explicit_substeps_keep_max_principle(be):
+    """dt = 20x the stable limit, random data, variable D: automatic substeps keep the solution
+    inside [min, max] of the start (a single unstable step would blow far outside)."""
+    rng = np.random.default_rng(3)
+    u = rng.random((5, 12, 14))
+    D = 80.0 * _random_multiplier(rng, u.shape)
+    dt = 20 * explicit_stable_dt(D.max(), 10.0, 3)
+    out = be.asnumpy(diffuse_explicit(be.asarray(u), be.asarray(D), 10.0, dt))
+    assert out.min() >= u.min() - 1e-12 and out.max() <= u.max() + 1e-12
+    assert np.abs(out - u).max() > 0.05
+
+
+def test_too_few_substeps_is_a_clear_error(be):
+    grid = Grid((1, 16, 16), dx=10.0)
+    spec = FieldSpec("il6", 1000.0, solver="explicit", max_substeps=2)
+    with pytest.raises(ValueError) as err:
+        FieldSet(be, grid, [spec], dt=1.0)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "'il6'" in msg and "dt=1 " in msg and "stable limit 0.025 min" in msg and "max_substeps=2" in msg
+    # allowed when the budget suffices, and the step really takes the substeps
+    fs = FieldSet(be, grid, [FieldSpec("il6", 1000.0, solver="explicit", max_substeps=40)], dt=1.0)
+    assert fs.plan(1.0).substeps["il6"] == 40
+    # and step() with a new dt re-checks
+    with pytest.raises(ValueError, match="il6"):
+        fs.step(2.0)
+
+
+def test_auto_picks_lod_when_stiff(be):
+    grid = Grid((1, 16, 16), dx=10.0)
+    specs = [
+        FieldSpec("ifng", 5000.0),  # stiff: 200 substeps at dt = 1
+        FieldSpec("autoantibody", 20.0),  # 1 substep
+        FieldSpec("damage", 0.0, decay_per_min=1e-4),
+    ]
+    fs = FieldSet(be, grid, specs, dt=1.0)
+    assert fs.solver_for("ifng") == "lod"
+    assert fs.solver_for("autoantibody") == "explicit"
+    assert fs.solver_for("damage") == "none"
+    assert fs.solver_for("ifng", dt=0.005) == "explicit"  # 1 substep
+    # D == 0 everywhere via the multiplier also skips diffusion
+    fs2 = FieldSet(be, grid, specs[:1], D_multiplier={"ifng": np.zeros(grid.shape)}, dt=1.0)
+    assert fs2.solver_for("ifng") == "none"
+
+
+def test_api_contracts(be):
+    grid = Grid((3, 4, 5), dx=10.0)
+    specs = [FieldSpec("cxcl13", 100.0, 0.02), FieldSpec("damage", 0.0)]
+    fs = FieldSet(be, grid, specs, dt=0.1)
+    assert fs.values.shape == (2, 3, 4, 5) and fs.values.dtype == np.float32
+    assert fs.index("damage") == 1
+    fs["cxcl13"][1, 2, 3] = 7.0  # a view: writes land in values
+    assert float(be.asnumpy(fs.values)[0, 1, 2, 3]) == 7.0
+    with pytest.raises(KeyError):
+        fs.index("il6")
+    with pytest.raises(ValueError, match="solver"):
+        FieldSpec("x", 1.0, solver="crank")
+    with pytest.raises(ValueError, match="periodic"):
+        FieldSet(be, grid, [FieldSpec("x", 1.0, bc={"x-": "periodic"})])
+    with pytest.raises(ValueError, match="z-"):
+        FieldSet(be, Grid((1, 4, 5)), [FieldSpec("x", 1.0, bc={"z-": 1.0})])
+    with pytest.raises(ValueError, match="shape"):
+        FieldSet(be, grid, specs, D_multiplier={"cxcl13": np.ones((3, 4))})
+    fs.step(source=be.xp.ones((2, 3, 4, 5), dtype=be.xp.float32))
+    with pytest.raises(ValueError, match="shape"):
+        fs.step(source=be.xp.ones((3, 4, 5), dtype=be.xp.float32))
+    f64 = FieldSet(be, grid, specs, dtype="float64", dt=0.1)
+    assert f64.values.dtype == np.float64
+
+
+@pytest.mark.parametrize("n_sub", [1, 2, 3, 4])
+def test_fieldset_explicit_substeps_match_plain_function(be, n_sub):
+    """FieldSet ping-pongs between values and a scratch buffer (an extra copy when the substep
+    count is odd) so the result lands in ``values``; it must equal diffuse_explicit exactly, for
+    odd and even counts, and leave the non-diffusing field alone."""
+    rng = np.random.default_rng(5)
+    grid = Grid((4, 9, 11), dx=10.0)
+    lim = explicit_stable_dt(60.0, 10.0, 3)
+    dt = lim * (n_sub - 0.5)
+    specs = [
+        FieldSpec("d", 0.0),
+        FieldSpec("a", 60.0, solver="explicit", bc={"z+": 1.0, "x-": "periodic", "x+": "periodic"}),
+    ]
+    fs = FieldSet(be, grid, specs, dtype="float64", dt=dt, track_budget=False)
+    assert fs.plan(dt).substeps["a"] == n_sub
+    u0 = rng.random(fs.values.shape)
+    fs.values[...] = be.asarray(u0)
+    view = fs["a"]
+    fs.step()
+    ref = diffuse_explicit(u0[1], 60.0, 10.0, dt, bc=specs[1].bc)
+    np.testing.assert_allclose(be.asnumpy(view), ref, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(be.asnumpy(fs["d"]), u0[0])

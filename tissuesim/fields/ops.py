@@ -1,0 +1,457 @@
+"""The hot operations of the field solvers: each CUDA kernel of kernels/diffusion.cu beside its NumPy twin.
+
+Every pair has the same signature and meaning; the twin (``*_numpy``) is the CPU backend and the
+test oracle of the kernel (``*_cupy``). The dispatchers without suffix pick by backend.
+
+Conventions shared by all of them
+---------------------------------
+u, D : (nf, nz, ny, nx) float32 or float64 arrays, fields stacked on the first axis; D in um^2/min.
+slots : int32 (n_slots,) indices of the fields to work on (the others are left untouched).
+bc_kind : int32 (nf, 6), per field and face (x-, x+, y-, y+, z-, z+): BC_ZERO_FLUX, BC_DIRICHLET,
+    BC_PERIODIC. bc_val : (nf, 6) of u's dtype, the Dirichlet value on the face (units of u).
+h_dx2 : h / dx^2 in min/um^2, the step over the squared voxel edge.
+
+Face coefficients are the harmonic mean of the two voxel D's (zero next to a D == 0 voxel); a
+Dirichlet value g sits on the face (ghost = 2 g - u, face flux 2 D (g - u)/dx).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BC_ZERO_FLUX = 0
+BC_DIRICHLET = 1
+BC_PERIODIC = 2
+
+KERNEL_FILE = "diffusion.cu"
+_BLOCK = 256
+
+# Axis of a (nz, ny, nx) array for x, y, z, and the index of the axis' low face in bc arrays.
+_AXES = {"x": (2, 0), "y": (1, 2), "z": (0, 4)}
+
+
+def _sfx(dtype) -> str:
+    dt = np.dtype(dtype)
+    if dt == np.float32:
+        return "f32"
+    if dt == np.float64:
+        return "f64"
+    raise TypeError(f"field arrays must be float32 or float64, got {dt}")
+
+
+def _kernel(be, name: str, dtype):
+    from tissuesim.backend import get_kernel
+
+    return get_kernel(be, KERNEL_FILE, f"{name}_{_sfx(dtype)}")
+
+
+def _ptr(a) -> int:
+    """Device (or host) address of an array's data."""
+    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
+
+
+def _grid1d(total: int) -> tuple[int]:
+    return (max(1, min((total + _BLOCK - 1) // _BLOCK, 2**31 - 1)),)
+
+
+def _grid_fields(nvox: int, n_slots: int) -> tuple[int, int]:
+    """(blocks over voxels, fields): blockIdx.y picks the field, x strides over its voxels."""
+    # Enough blocks to fill any current GPU several times; the grid-stride loop does the rest.
+    return (max(1, min((nvox + _BLOCK - 1) // _BLOCK, 65536)), n_slots)
+
+
+def harmonic(a, b, xp=np):
+    """Face coefficient 2ab/(a+b), 0 where a+b == 0 (no flux next to a D == 0 voxel)."""
+    s = a + b
+    return 2 * a * b / xp.where(s > 0, s, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# explicit (forward Euler) substep
+# ---------------------------------------------------------------------------------------------
+
+
+def _axis_inflow_numpy(u, D, axis: int, kind_lo, val_lo, kind_hi, val_hi):
+    """Net diffusive inflow times dx^2 along ``axis`` of one (nz, ny, nx) field (vectorised)."""
+    v = np.moveaxis(u, axis, 0)
+    d = np.moveaxis(D, axis, 0)
+    acc = np.zeros_like(v)
+    if v.shape[0] > 1:
+        g = harmonic(d[:-1], d[1:]) * (v[1:] - v[:-1])  # flux from m+1 into m, times dx
+        acc[:-1] += g
+        acc[1:] -= g
+    if kind_lo == BC_PERIODIC and v.shape[0] > 1:
+        g = harmonic(d[-1], d[0]) * (v[0] - v[-1])  # the wrap face, flux from 0 into n-1
+        acc[-1] += g
+        acc[0] -= g
+    if kind_lo == BC_DIRICHLET:
+        acc[0] += 2 * d[0] * (val_lo - v[0])
+    if kind_hi == BC_DIRICHLET:
+        acc[-1] += 2 * d[-1] * (val_hi - v[-1])
+    return np.moveaxis(acc, 0, axis)
+
+
+def explicit_substep_numpy(u_in, u_out, D, slots, bc_kind, bc_val, h_dx2) -> None:
+    """u_out[s] = u_in[s] + h/dx^2 div(D grad u_in[s]) for s in slots (forward Euler, 5/7-point).
+
+    Writes u_out in place; u_out must not alias u_in. Axes of length 1 are skipped unless they
+    carry a Dirichlet face.
+    """
+    for s in np.asarray(slots).tolist():
+        acc = np.zeros_like(u_in[s])
+        for ax in ("x", "y", "z"):
+            axis, f = _AXES[ax]
+            kl, kh = int(bc_kind[s, f]), int(bc_kind[s, f + 1])
+            if u_in.shape[1 + axis] == 1 and BC_DIRICHLET not in (kl, kh):
+                continue
+            acc += _axis_inflow_numpy(u_in[s], D[s], axis, kl, bc_val[s, f], kh, bc_val[s, f + 1])
+        u_out[s] = u_in[s] + u_in.dtype.type(h_dx2) * acc
+
+
+def explicit_substep_cupy(u_in, u_out, D, slots, bc_kind, bc_val, h_dx2) -> None:
+    """CUDA twin of :func:`explicit_substep_numpy` (kernel diffusion_explicit_f32/_f64)."""
+    from tissuesim.fields._device import backend_of
+
+    be = backend_of(u_in)
+    ker = _kernel(be, "diffusion_explicit", u_in.dtype)
+    _, nz, ny, nx = u_in.shape
+    nvox = nz * ny * nx
+    if nvox >= 2**31:
+        raise ValueError(f"explicit kernel: {nvox} voxels per field; the kernel indexes a field with 32 bits")
+    n_slots = int(slots.size)
+    if n_slots == 0:
+        return
+    ker(
+        _grid_fields(nvox, n_slots),
+        (_BLOCK,),
+        (
+            u_in,
+            u_out,
+            D,
+            slots,
+            np.int32(nz),
+            np.int32(ny),
+            np.int32(nx),
+            bc_kind,
+            bc_val,
+            u_in.dtype.type(h_dx2),
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# LOD sweep (backward Euler along one axis, Thomas / cyclic Thomas per grid line)
+# ---------------------------------------------------------------------------------------------
+
+
+def thomas_numpy(a, b, c, d):
+    """Solve tridiagonal systems along axis 0, vectorised over the trailing axes.
+
+    a, b, c, d : (n, ...) sub-diagonal (a[0] unused), diagonal, super-diagonal (c[-1] unused) and
+    right-hand side. Returns x (n, ...). A loop over n, one vector operation across all lines.
+    """
+    n = b.shape[0]
+    cp = np.empty_like(b)
+    dp = np.empty_like(d)
+    cp[0] = c[0] / b[0]
+    dp[0] = d[0] / b[0]
+    for m in range(1, n):
+        denom = b[m] - a[m] * cp[m - 1]
+        cp[m] = c[m] / denom
+        dp[m] = (d[m] - a[m] * dp[m - 1]) / denom
+    for m in range(n - 2, -1, -1):
+        dp[m] -= cp[m] * dp[m + 1]
+    return dp
+
+
+def lod_line_coefficients(D, h_dx2, kind_lo, val_lo, kind_hi, val_hi, rhs):
+    """Tridiagonal system of one backward-Euler sweep along axis 0 of (n, ...) arrays.
+
+    Returns (a, b, c, d, r_wrap): sub/diag/super-diagonals and right-hand side (Dirichlet values
+    moved into d), and r_wrap (h/dx^2 Df of the wrap face, periodic) or None.
+    """
+    dt = rhs.dtype.type
+    r = dt(h_dx2) * harmonic(D[:-1], D[1:])
+    lo = np.zeros_like(D)
+    hi = np.zeros_like(D)
+    lo[1:] = r
+    hi[:-1] = r
+    b = 1 + lo + hi
+    d = rhs.copy()
+    r_wrap = None
+    if kind_lo == BC_DIRICHLET:
+        b[0] += 2 * dt(h_dx2) * D[0]
+        d[0] += 2 * dt(h_dx2) * D[0] * dt(val_lo)
+    if kind_hi == BC_DIRICHLET:
+        b[-1] += 2 * dt(h_dx2) * D[-1]
+        d[-1] += 2 * dt(h_dx2) * D[-1] * dt(val_hi)
+    if kind_lo == BC_PERIODIC and D.shape[0] >= 3:
+        r_wrap = dt(h_dx2) * harmonic(D[-1], D[0])
+        b[0] += r_wrap
+        b[-1] += r_wrap
+    return -lo, b, -hi, d, r_wrap
+
+
+def cyclic_thomas_numpy(a, b, c, d, r_wrap):
+    """Periodic tridiagonal solve (corners -r_wrap) by Sherman-Morrison on two Thomas solves."""
+    gamma = -b[0]
+    bb = b.copy()
+    bb[0] = b[0] - gamma
+    bb[-1] = b[-1] + r_wrap * r_wrap / b[0]
+    y = thomas_numpy(a, bb, c, d)
+    w = np.zeros_like(d)
+    w[0] = gamma
+    w[-1] = -r_wrap
+    z = thomas_numpy(a, bb, c, w)
+    vfac = r_wrap / b[0]
+    fact = (y[0] + vfac * y[-1]) / (1 + z[0] + vfac * z[-1])
+    return y - fact * z
+
+
+def lod_sweep_numpy(u, D, slots, bc_kind, bc_val, axis: str, h_dx2, work=None) -> None:
+    """Backward Euler along ``axis`` ('x', 'y' or 'z') for the listed fields, in place.
+
+    (1 - h d/dx D d/dx) u_new = u_old on every grid line: one tridiagonal solve per line (cyclic
+    where the axis is periodic). ``work`` is the CUDA twin's scratch space, unused here.
+    """
+    ax, f = _AXES[axis]
+    for s in np.asarray(slots).tolist():
+        v = np.moveaxis(u[s], ax, 0)
+        d = np.moveaxis(D[s], ax, 0)
+        kl, kh = int(bc_kind[s, f]), int(bc_kind[s, f + 1])
+        a, b, c, rhs, r_wrap = lod_line_coefficients(d, h_dx2, kl, bc_val[s, f], kh, bc_val[s, f + 1], v)
+        if r_wrap is not None:
+            v[...] = cyclic_thomas_numpy(a, b, c, rhs, r_wrap)
+        else:
+            v[...] = thomas_numpy(a, b, c, rhs)
+
+
+class LodWork:
+    """Scratch space of the CUDA LOD sweep, kept between steps so a step allocates nothing.
+
+    cp, zs : flat scratch of nf * nvox elements (modified super-diagonal, cyclic second solve).
+    ut : flat scratch of nf * nvox for the x <-> y transposed copy of the swept fields.
+    Dt : per slot tuple, the transposed D of those fields (D does not change between steps).
+    """
+
+    def __init__(self, xp, shape, dtype):
+        n = int(np.prod(shape))
+        self.cp = xp.empty(n, dtype=dtype)
+        self.zs = xp.empty(n, dtype=dtype)
+        self.ut = xp.empty(n, dtype=dtype)
+        self.Dt: dict = {}
+
+
+def transpose_xy_numpy(src, dst, in_slots, out_slots) -> None:
+    """dst[out_slots[i]] = src[in_slots[i]] with the last two axes swapped.
+
+    src : (nf_in, nz, ny, nx); dst : (nf_out, nz, nx, ny).
+    """
+    for i, o in zip(np.asarray(in_slots).tolist(), np.asarray(out_slots).tolist()):
+        dst[o] = np.swapaxes(src[i], -1, -2)
+
+
+def transpose_xy_cupy(src, dst, in_slots, out_slots) -> None:
+    """CUDA twin of :func:`transpose_xy_numpy` (kernel fields_transpose_xy, shared-memory tiles)."""
+    from tissuesim.fields._device import backend_of
+
+    be = backend_of(src)
+    ker = _kernel(be, "fields_transpose_xy", src.dtype)
+    _, nz, ny, nx = src.shape
+    n_slots = int(in_slots.size)
+    grid = ((nx + 31) // 32, (ny + 31) // 32, max(1, min(n_slots * nz, 65535)))
+    ker(
+        grid,
+        (32, 8),
+        (src, dst, in_slots, out_slots, np.int32(n_slots), np.int32(nz), np.int32(ny), np.int32(nx)),
+    )
+
+
+def _lod_lines_cupy(be, u, D, cp, zs, slots, rows, outer_pf, n, inner, bc_kind, bc_val, face_lo, h_dx2):
+    ker = _kernel(be, "diffusion_lod_lines", u.dtype)
+    n_slots = int(slots.size)
+    ker(
+        _grid1d(n_slots * outer_pf * inner),
+        (_BLOCK,),
+        (
+            u,
+            D,
+            cp,
+            zs,
+            slots,
+            rows,
+            np.int32(n_slots),
+            np.int32(outer_pf),
+            np.int32(n),
+            np.int32(inner),
+            bc_kind,
+            bc_val,
+            np.int32(face_lo),
+            u.dtype.type(h_dx2),
+        ),
+    )
+
+
+def lod_sweep_cupy(u, D, slots, bc_kind, bc_val, axis: str, h_dx2, work: LodWork | None = None) -> None:
+    """CUDA twin of :func:`lod_sweep_numpy` (kernel diffusion_lod_lines, one thread per line).
+
+    z and y lines are swept in place: consecutive threads take consecutive x, so every step of
+    the Thomas recursion is a coalesced load/store. x lines are contiguous in memory, so one
+    thread per x line would read with stride nx (one cache sector per thread per step); instead
+    the swept fields are transposed x <-> y into ``work.ut`` with a shared-memory tiled kernel,
+    swept there as "y-like" lines (coalesced), and transposed back: two extra coalesced passes are
+    far cheaper than n strided ones.
+    """
+    from tissuesim.fields._device import backend_of
+
+    be = backend_of(u)
+    xp = be.xp
+    _nf, nz, ny, nx = u.shape
+    if work is None:
+        work = LodWork(xp, u.shape, u.dtype)
+    _ax, face = _AXES[axis]
+    if axis == "z":
+        _lod_lines_cupy(
+            be, u, D, work.cp, work.zs, slots, slots, 1, nz, ny * nx, bc_kind, bc_val, face, h_dx2
+        )
+        return
+    if axis == "y":
+        _lod_lines_cupy(be, u, D, work.cp, work.zs, slots, slots, nz, ny, nx, bc_kind, bc_val, face, h_dx2)
+        return
+    n_slots = int(slots.size)
+    compact = xp.arange(n_slots, dtype=xp.int32)
+    # keyed by device pointers: reading the slot values would be a host sync
+    key = (_ptr(slots), n_slots, _ptr(D))
+    Dt = work.Dt.get(key)
+    if Dt is None:
+        Dt = xp.empty((n_slots, nz, nx, ny), dtype=D.dtype)
+        transpose_xy_cupy(D, Dt, slots, compact)
+        work.Dt[key] = Dt
+    ut = work.ut[: n_slots * nz * nx * ny].reshape(n_slots, nz, nx, ny)
+    transpose_xy_cupy(u, ut, slots, compact)
+    _lod_lines_cupy(be, ut, Dt, work.cp, work.zs, compact, slots, nz, nx, ny, bc_kind, bc_val, face, h_dx2)
+    transpose_xy_cupy(ut, u, compact, slots)
+
+
+# ---------------------------------------------------------------------------------------------
+# reactions (exact exponential integration per voxel)
+# ---------------------------------------------------------------------------------------------
+
+
+def phi1(z):
+    """(1 - e^-z)/z, float64, 1 at z = 0."""
+    zs = np.where(z == 0, 1.0, z)
+    return np.where(np.abs(z) < 1e-8, 1.0 - 0.5 * z, -np.expm1(-zs) / zs)
+
+
+def phi2(z):
+    """(e^-z - 1 + z)/z^2, float64, series near 0 (the direct form cancels)."""
+    zs = np.where(np.abs(z) < 1e-2, 1.0, z)
+    series = 0.5 + z * (-1.0 / 6 + z * (1.0 / 24 + z * (-1.0 / 120 + z / 720)))
+    return np.where(np.abs(z) < 1e-2, series, (np.expm1(-zs) + zs) / (zs * zs))
+
+
+def react_numpy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
+    """Integrate du/dt = b - a u exactly over h for the listed fields, in place.
+
+    a = k + lam + vr (1/min), b = src + vr * cb (units/min):  u <- u e^{-ah} + b h phi1(ah).
+    k : float64 (nf,) decay rates. lam, src : like u or None. vr : None, (nz, ny, nx) shared, or
+    like u. cb : float64 (nf,) blood concentrations or None (taken as 0). h : step in min.
+    U : like u or None; receives int_0^h u dt = u h phi1(ah) + b h^2 phi2(ah) for the budget.
+    Computed in float64 whatever u's dtype, like the kernel.
+    """
+    for s in np.asarray(slots).tolist():
+        # scalars while uniform (decay only): numpy broadcasts, and the CPU skips whole-array work
+        a = float(k[s])
+        b = 0.0
+        if lam is not None:
+            a = a + lam[s]
+        if src is not None:
+            b = b + src[s]
+        if vr is not None:
+            r = vr if vr.ndim == 3 else vr[s]
+            a = a + r
+            if cb is not None:
+                b = b + r * float(cb[s])
+        z = a * h
+        u0 = u[s].astype(np.float64)
+        p1 = phi1(z)
+        if U is not None:
+            U[s] = u0 * h * p1 + b * h * h * phi2(z)
+        u[s] = u0 * np.exp(-z) + b * h * p1
+
+
+def react_cupy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
+    """CUDA twin of :func:`react_numpy` (kernel fields_react_f32/_f64)."""
+    from tissuesim.fields._device import backend_of
+
+    be = backend_of(u)
+    ker = _kernel(be, "fields_react", u.dtype)
+    nvox = int(np.prod(u.shape[1:]))
+    n_slots = int(slots.size)
+    if n_slots == 0:
+        return
+    dummy = u  # never read: its flag is 0
+    vr_mode = 0 if vr is None else (1 if vr.ndim == 3 else 2)
+    ker(
+        _grid_fields(nvox, n_slots),
+        (_BLOCK,),
+        (
+            u,
+            slots,
+            np.int64(nvox),
+            k,
+            dummy if lam is None else lam,
+            np.int32(lam is not None),
+            dummy if src is None else src,
+            np.int32(src is not None),
+            dummy if vr is None else vr,
+            np.int32(vr_mode),
+            k if cb is None else cb,
+            np.int32(cb is not None),
+            np.float64(h),
+            dummy if U is None else U,
+            np.int32(U is not None),
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+def explicit_substep(be, *args) -> None:
+    (explicit_substep_cupy if be.is_gpu else explicit_substep_numpy)(*args)
+
+
+def lod_sweep(be, *args, **kw) -> None:
+    (lod_sweep_cupy if be.is_gpu else lod_sweep_numpy)(*args, **kw)
+
+
+def react(be, *args, **kw) -> None:
+    (react_cupy if be.is_gpu else react_numpy)(*args, **kw)
+
+
+def transpose_xy(be, *args) -> None:
+    (transpose_xy_cupy if be.is_gpu else transpose_xy_numpy)(*args)
+
+
+def dirichlet_inflow(xp, u, D, slots_by_face, bc_val, h_dx2, out) -> None:
+    """Add to ``out`` (float64 (nf,), device) the amount / dx^3 entering through Dirichlet faces.
+
+    Evaluated with the u the flux is computed from (before a forward-Euler substep, after a
+    backward-Euler sweep): h/dx^2 * sum_face 2 D (g - u). slots_by_face : {face index (0..5):
+    backend int array of the fields with a Dirichlet value there}. Reductions run on the device;
+    nothing is read back.
+    """
+    for face, idx in slots_by_face.items():
+        axis = 3 - face // 2  # x -> 3, y -> 2, z -> 1 in (nf, nz, ny, nx)
+        end = 0 if face % 2 == 0 else -1
+        sl = [slice(None)] * 4
+        sl[axis] = end
+        ub = u[tuple(sl)][idx]
+        Db = D[tuple(sl)][idx]
+        g = bc_val[idx, face].reshape(-1, 1, 1)
+        flux = xp.sum((2 * Db * (g - ub)).reshape(ub.shape[0], -1), axis=1, dtype=xp.float64)
+        out[idx] += h_dx2 * flux
