@@ -76,6 +76,8 @@ def _describe_override_error(ov, exc: BaseException) -> str:
     while e is not None:
         chain.append(e)
         e = e.__cause__ or e.__context__
+    if any(isinstance(c, MissingConfigException) for c in chain) and key.startswith("hydra/launcher"):
+        return f"{shown}: launcher plugin not installed; install it with pip install -e '.[sweep]' (joblib, submitit)"
     if any(isinstance(c, MissingConfigException) for c in chain) and (conf_dir() / key).is_dir():
         return f"{shown}: unknown option for '{key}'; allowed: {', '.join(o for o in group_options(key))}"
     text = " ".join(str(c) for c in chain)
