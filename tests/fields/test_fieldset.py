@@ -264,3 +264,28 @@ def test_cached_lapack_lod_equals_line_by_line_thomas(axis):
             v[...] = ops.thomas_numpy(a, b, c, rhs)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(got[1], u[1])  # slots not listed are untouched
+
+
+def test_cached_factors_are_tied_to_the_D_object_not_its_id():
+    """A new D array that reuses a dropped one's id must not pick up the old factors.
+
+    Reuse of ids is simulated by re-keying the cache entry of D1 under D2's id."""
+    from tissuesim.fields import ops
+
+    rng = np.random.default_rng(2)
+    u0 = rng.random((1, 1, 6, 9))
+    D1 = np.full((1, 1, 6, 9), 10.0)
+    D2 = np.full((1, 1, 6, 9), 900.0)
+    kind = np.zeros((1, 6), np.int32)
+    val = np.zeros((1, 6))
+    slots = np.array([0], np.int32)
+    ops._LAPACK_CACHE.clear()
+    ops.lod_sweep_numpy(u0.copy(), D1, slots, kind, val, "x", 0.5)
+    (k1,) = list(ops._LAPACK_CACHE)
+    ops._LAPACK_CACHE[(id(D2), *k1[1:])] = ops._LAPACK_CACHE.pop(k1)
+    got = u0.copy()
+    ops.lod_sweep_numpy(got, D2, slots, kind, val, "x", 0.5)
+    ops._LAPACK_CACHE.clear()
+    want = u0.copy()
+    ops.lod_sweep_numpy(want, D2, slots, kind, val, "x", 0.5)
+    np.testing.assert_array_equal(got, want)

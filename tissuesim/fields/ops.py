@@ -17,6 +17,8 @@ Dirichlet value g sits on the face (ghost = 2 g - u, face flux 2 D (g - u)/dx).
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 BC_ZERO_FLUX = 0
@@ -245,14 +247,15 @@ _LAPACK_CACHE_MAX = 32
 def _lapack_factors(u, D, slots, bc_kind, bc_val, axis: str, h_dx2):
     """Cached LU factors and Dirichlet right-hand-side term of one sweep (see lod_sweep_numpy).
 
-    Keyed by the identity of D's buffer (FieldSet never writes D after construction), the slots,
-    axis, h/dx^2, dtype and boundary data.
+    Keyed by the identity of the D array object, held through a weak reference so a new array
+    that happens to reuse a freed one's id or memory never matches (FieldSet never writes D
+    after construction), plus the slots, axis, h/dx^2, dtype and boundary data.
     """
     from scipy.linalg import lapack
 
     ax, f = _AXES[axis]
     key = (
-        D.__array_interface__["data"][0],
+        id(D),
         D.shape,
         u.dtype.str,
         tuple(slots),
@@ -262,8 +265,8 @@ def _lapack_factors(u, D, slots, bc_kind, bc_val, axis: str, h_dx2):
         np.asarray(bc_val)[slots].tobytes(),
     )
     hit = _LAPACK_CACHE.get(key)
-    if hit is not None:
-        return hit
+    if hit is not None and hit[0]() is D:
+        return hit[1]
     dt = u.dtype.type
     h = dt(h_dx2)
     d = np.moveaxis(D[slots], ax + 1, -1).astype(u.dtype)  # (n_slots, ..., n): lines last
@@ -292,7 +295,7 @@ def _lapack_factors(u, D, slots, bc_kind, bc_val, axis: str, h_dx2):
     hit = (pttrs, dd, ee, add.reshape(-1), d.shape)
     if len(_LAPACK_CACHE) >= _LAPACK_CACHE_MAX:
         _LAPACK_CACHE.pop(next(iter(_LAPACK_CACHE)))
-    _LAPACK_CACHE[key] = hit
+    _LAPACK_CACHE[key] = (weakref.ref(D), hit)
     return hit
 
 
@@ -476,20 +479,21 @@ def _react_coefficients(a, h, want_p2: bool, key):
     """(e^{-ah}, phi1(ah), phi2(ah) or None), float64.
 
     Without uptake the rate a = k + vessel_rate is the same every step, so the exponentials are
-    cached (key: slot, k, the vessel-rate buffer, h); uptake changes a each step and is computed.
+    cached (key: slot, k, the vessel-rate array object checked through a weak reference, h);
+    uptake changes a each step and is computed.
     """
     if key is not None:
         s, k, vr = key
-        ck = (s, k, None if vr is None else (vr.__array_interface__["data"][0], vr.shape), float(h), want_p2)
+        ck = (s, k, id(vr), float(h), want_p2)
         hit = _REACT_CACHE.get(ck)
-        if hit is not None:
-            return hit
+        if hit is not None and (hit[0] is None if vr is None else hit[0]() is vr):
+            return hit[1]
     z = a * h
     out = (np.exp(-z), phi1(z), phi2(z) if want_p2 else None)
     if key is not None:
         if len(_REACT_CACHE) >= 64:
             _REACT_CACHE.pop(next(iter(_REACT_CACHE)))
-        _REACT_CACHE[ck] = out
+        _REACT_CACHE[ck] = (None if vr is None else weakref.ref(vr), out)
     return out
 
 
