@@ -1,0 +1,397 @@
+// Cell-agent kernels of tissuesim.agents (NumPy twins side by side in tissuesim/agents/*.py:
+// rng.py, neighbours.py, motility.py). One thread per cell; every kernel is a gather, so results
+// do not depend on thread scheduling: no float atomics anywhere, integer atomicMin/atomicOr only
+// (commutative, hence deterministic).
+//
+// Conventions: positions float32 [n][3] as (x, y, z) um; grids C-ordered [z][y][x]; the cell list
+// holds `order` (cell indices sorted by (bin, index)) and bin_start/bin_end (int32, one per bin,
+// bins C-ordered [bz][by][bx]); type masks are uint32 bit sets over cell types (type < 32).
+// Compiled with --fmad=false so the float arithmetic rounds as NumPy's does.
+#include "philox.cuh"
+
+typedef long long i64;
+
+#define FLAG_PAIR_OVERFLOW 1u
+#define FLAG_DISPLACEMENT_CAPPED 2u
+#define FLAG_IN_CLOSED_VOXEL 4u
+#define FLAG_BAD_TYPE 8u
+
+#define PURPOSE_MOVE 1u
+
+// Number of per-type motility parameters in `tp` (see motility.py: _type_table).
+#define NTP 9
+// An axis move is split into at most this many substeps (|d| <= 64 max_disp, else capped).
+#define MAX_SUBSTEPS 64
+// tp[t*NTP + ...]: 0 a = exp(-dt/P), 1 sd_v, 2 c_xv, 3 sd_x, 4 P(1-a), 5 chi (um^2/min),
+// 6 K (field units), 7 drift cap (um/min), 8 unused
+
+__device__ __forceinline__ int clampi(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// Voxel (i, j, k) of a position, clipped into the grid (as Grid.voxel_index).
+__device__ __forceinline__ void voxel_of(float x, float y, float z, float ox, float oy, float oz, float dx,
+                                         int nx, int ny, int nz, int* i, int* j, int* k) {
+    *i = clampi((int)floorf((x - ox) / dx), 0, nx - 1);
+    *j = clampi((int)floorf((y - oy) / dx), 0, ny - 1);
+    *k = clampi((int)floorf((z - oz) / dx), 0, nz - 1);
+}
+
+// Bin coordinate of a position, clipped.
+__device__ __forceinline__ int bin_coord(float x, float o, float w, int nb) {
+    return clampi((int)floorf((x - o) / w), 0, nb - 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cell list: key = bin * n + index (unique, so any sort gives the same order).
+extern "C" __global__ void bin_keys(const float* __restrict__ pos, int n, float ox, float oy, float oz, float w,
+                                    int nbx, int nby, int nbz, i64* __restrict__ key) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int bx = bin_coord(pos[3 * i], ox, w, nbx);
+    int by = bin_coord(pos[3 * i + 1], oy, w, nby);
+    int bz = bin_coord(pos[3 * i + 2], oz, w, nbz);
+    i64 b = ((i64)bz * nby + by) * nbx + bx;
+    key[i] = b * (i64)n + i;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Contacts. Pairs (i, j), i != j, |x_i - x_j| < radius, type_i in src_mask, type_j in tgt_mask.
+// Order: i ascending; for each i the neighbour bins in (dz, dy, dx) lexicographic order from -1;
+// inside a bin j ascending. Pass 1 counts, an exclusive scan gives offsets, pass 2 writes.
+__device__ __forceinline__ int visit_pairs(int i, const float* __restrict__ pos, const unsigned char* __restrict__ type,
+                                           const int* __restrict__ order, const int* __restrict__ bstart,
+                                           const int* __restrict__ bend, float ox, float oy, float oz, float w,
+                                           int nbx, int nby, int nbz, float r2max, unsigned int tgt_mask,
+                                           i64 out_off, i64 cap, int* __restrict__ pi, int* __restrict__ pj,
+                                           unsigned int* flags) {
+    float xi = pos[3 * i], yi = pos[3 * i + 1], zi = pos[3 * i + 2];
+    int bx = bin_coord(xi, ox, w, nbx), by = bin_coord(yi, oy, w, nby), bz = bin_coord(zi, oz, w, nbz);
+    int count = 0;
+    for (int dz = -1; dz <= 1; ++dz) {
+        int cz = bz + dz;
+        if (cz < 0 || cz >= nbz) continue;
+        for (int dy = -1; dy <= 1; ++dy) {
+            int cy = by + dy;
+            if (cy < 0 || cy >= nby) continue;
+            for (int dx = -1; dx <= 1; ++dx) {
+                int cx = bx + dx;
+                if (cx < 0 || cx >= nbx) continue;
+                int b = (cz * nby + cy) * nbx + cx;
+                for (int s = bstart[b]; s < bend[b]; ++s) {
+                    int j = order[s];
+                    if (j == i) continue;
+                    if (type[j] >= 32 || !((tgt_mask >> type[j]) & 1u)) continue;
+                    float ddx = pos[3 * j] - xi, ddy = pos[3 * j + 1] - yi, ddz = pos[3 * j + 2] - zi;
+                    float r2 = ddx * ddx + ddy * ddy + ddz * ddz;
+                    if (r2 < r2max) {
+                        if (pi != nullptr) {
+                            i64 o = out_off + count;
+                            if (o < cap) {
+                                pi[o] = i;
+                                pj[o] = j;
+                            } else {
+                                atomicOr(flags, FLAG_PAIR_OVERFLOW);
+                            }
+                        }
+                        ++count;
+                    }
+                }
+            }
+        }
+    }
+    return count;
+}
+
+extern "C" __global__ void count_pairs(const float* __restrict__ pos, const unsigned char* __restrict__ type,
+                                       const int* __restrict__ order, const int* __restrict__ bstart,
+                                       const int* __restrict__ bend, int n, float ox, float oy, float oz, float w,
+                                       int nbx, int nby, int nbz, float r2max, unsigned int src_mask,
+                                       unsigned int tgt_mask, i64* __restrict__ counts) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    if (type[i] >= 32 || !((src_mask >> type[i]) & 1u)) {
+        counts[i] = 0;
+        return;
+    }
+    counts[i] = visit_pairs(i, pos, type, order, bstart, bend, ox, oy, oz, w, nbx, nby, nbz, r2max, tgt_mask, 0, 0,
+                            nullptr, nullptr, nullptr);
+}
+
+// offsets: exclusive prefix sum of counts (int64, n). Entries past `cap` are dropped and flagged.
+extern "C" __global__ void write_pairs(const float* __restrict__ pos, const unsigned char* __restrict__ type,
+                                       const int* __restrict__ order, const int* __restrict__ bstart,
+                                       const int* __restrict__ bend, int n, float ox, float oy, float oz, float w,
+                                       int nbx, int nby, int nbz, float r2max, unsigned int src_mask,
+                                       unsigned int tgt_mask, const i64* __restrict__ offsets, i64 cap,
+                                       int* __restrict__ pi, int* __restrict__ pj, unsigned int* flags) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    if (type[i] >= 32 || !((src_mask >> type[i]) & 1u)) return;
+    visit_pairs(i, pos, type, order, bstart, bend, ox, oy, oz, w, nbx, nby, nbz, r2max, tgt_mask, offsets[i], cap,
+                pi, pj, flags);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crowding: displacement of cell i (um, over one step of dt) pushing it out of every overlap,
+//   d_i = sum_j min(1, k_ij dt) * (R_ij - r_ij) / 2 * (x_i - x_j) / r_ij,   r_ij < R_ij = R_i + R_j,
+// k_ij = (k_i + k_j) / 2 (1/min). Each cell of an overlapping pair moves half the overlap (times
+// the relaxation fraction), so a resolved pair ends just touching. Coincident cells are split
+// along x, the lower id going to -x. Summation order is the fixed pair order of visit_pairs.
+extern "C" __global__ void crowd_displacement(const float* __restrict__ pos, const unsigned char* __restrict__ type,
+                                              const i64* __restrict__ id, const int* __restrict__ order,
+                                              const int* __restrict__ bstart, const int* __restrict__ bend, int n,
+                                              float ox, float oy, float oz, float w, int nbx, int nby, int nbz,
+                                              const float* __restrict__ radius, const float* __restrict__ stiff,
+                                              float dt, float* __restrict__ disp) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float xi = pos[3 * i], yi = pos[3 * i + 1], zi = pos[3 * i + 2];
+    int ti = type[i];
+    float ri = radius[ti], ki = stiff[ti];
+    float ax = 0.0f, ay = 0.0f, az = 0.0f;
+    int bx = bin_coord(xi, ox, w, nbx), by = bin_coord(yi, oy, w, nby), bz = bin_coord(zi, oz, w, nbz);
+    if (ri > 0.0f) {
+        for (int dz = -1; dz <= 1; ++dz) {
+            int cz = bz + dz;
+            if (cz < 0 || cz >= nbz) continue;
+            for (int dy = -1; dy <= 1; ++dy) {
+                int cy = by + dy;
+                if (cy < 0 || cy >= nby) continue;
+                for (int ddx = -1; ddx <= 1; ++ddx) {
+                    int cx = bx + ddx;
+                    if (cx < 0 || cx >= nbx) continue;
+                    int b = (cz * nby + cy) * nbx + cx;
+                    for (int s = bstart[b]; s < bend[b]; ++s) {
+                        int j = order[s];
+                        if (j == i) continue;
+                        int tj = type[j];
+                        float rj = radius[tj];
+                        if (rj <= 0.0f) continue;
+                        float R = ri + rj;
+                        float ux = xi - pos[3 * j], uy = yi - pos[3 * j + 1], uz = zi - pos[3 * j + 2];
+                        float r2 = ux * ux + uy * uy + uz * uz;
+                        if (r2 >= R * R) continue;
+                        float f = 0.5f * (ki + stiff[tj]) * dt;
+                        f = f < 1.0f ? f : 1.0f;
+                        if (r2 > 0.0f) {
+                            float r = sqrtf(r2);
+                            float m = f * 0.5f * (R - r) / r;
+                            ax += m * ux;
+                            ay += m * uy;
+                            az += m * uz;
+                        } else {
+                            float m = f * 0.5f * R;
+                            ax += id[i] < id[j] ? -m : m;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    disp[3 * i] = ax;
+    disp[3 * i + 1] = ay;
+    disp[3 * i + 2] = az;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Motility: exact Ornstein-Uhlenbeck step of velocity and position per axis (see motility.py),
+// with the velocity relaxing towards the chemotactic drift, plus the crowding displacement,
+// applied axis by axis (x, y, z) in equal substeps shorter than max_disp (< dx): a substep that
+// would end in a closed voxel stops that axis' move and reverses that velocity component (cells
+// slide along walls); domain faces reflect position and velocity.
+extern "C" __global__ void move_cells(float* __restrict__ pos, float* __restrict__ vel,
+                                      const unsigned char* __restrict__ type, const i64* __restrict__ id,
+                                      const float* __restrict__ crowd, const float* __restrict__ fields,
+                                      const int* __restrict__ tfield, const float* __restrict__ tp, int ntypes,
+                                      const unsigned char* __restrict__ open, int nx, int ny, int nz, float dx,
+                                      float ox, float oy, float oz, int n, float dt, unsigned int step,
+                                      unsigned int k0, unsigned int k1, int ndim, float max_disp,
+                                      unsigned int* flags) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= n) return;
+    int t = type[c];
+    if (t >= ntypes) {
+        atomicOr(flags, FLAG_BAD_TYPE);
+        return;
+    }
+    const float* P = tp + t * NTP;
+    float p[3] = {pos[3 * c], pos[3 * c + 1], pos[3 * c + 2]};
+    float v[3] = {vel[3 * c], vel[3 * c + 1], vel[3 * c + 2]};
+    int i, j, k;
+    voxel_of(p[0], p[1], p[2], ox, oy, oz, dx, nx, ny, nz, &i, &j, &k);
+    i64 nxy = (i64)nx * ny;
+    if (!open[k * nxy + (i64)j * nx + i]) atomicOr(flags, FLAG_IN_CLOSED_VOXEL);
+
+    // Chemotactic drift vd = chi K / (K + c)^2 grad c (gradient of receptor occupancy c/(K+c)),
+    // grad c by central differences over open neighbours (one-sided next to walls and faces).
+    float vd[3] = {0.0f, 0.0f, 0.0f};
+    int fi = tfield[t];
+    if (fi >= 0) {
+        const float* f = fields + (i64)fi * nz * nxy;
+        i64 here = k * nxy + (i64)j * nx + i;
+        float cc = f[here];
+        int idx3[3] = {i, j, k};
+        int nn[3] = {nx, ny, nz};
+        i64 stride[3] = {1, nx, nxy};
+        for (int a = 0; a < ndim; ++a) {
+            int ip = idx3[a] + 1 < nn[a] && open[here + stride[a]] ? 1 : 0;
+            int im = idx3[a] - 1 >= 0 && open[here - stride[a]] ? 1 : 0;
+            if (ip + im > 0) {
+                float fp = f[here + ip * stride[a]];
+                float fm = f[here - im * stride[a]];
+                vd[a] = (fp - fm) / ((float)(ip + im) * dx);
+            }
+        }
+        float K = P[6];
+        float den = K + cc;
+        float s = den > 0.0f ? P[5] * K / (den * den) : 0.0f;
+        float m2 = 0.0f;
+        for (int a = 0; a < 3; ++a) {
+            vd[a] = s * vd[a];
+            m2 += vd[a] * vd[a];
+        }
+        float cap = P[7];
+        if (m2 > cap * cap) {
+            float sc = cap / sqrtf(m2);
+            for (int a = 0; a < 3; ++a) vd[a] = vd[a] * sc;
+        }
+    }
+
+    // Normals: x uses (z0, z1), y (z2, z3), z (z4, z5).
+    float z[6];
+    tsim_u32x4 r0 = tsim_draw(id[c], step, PURPOSE_MOVE, 0u, k0, k1);
+    tsim_box_muller(r0.x, r0.y, &z[0], &z[1]);
+    tsim_box_muller(r0.z, r0.w, &z[2], &z[3]);
+    if (ndim == 3) {
+        tsim_u32x4 r1 = tsim_draw(id[c], step, PURPOSE_MOVE, 1u, k0, k1);
+        tsim_box_muller(r1.x, r1.y, &z[4], &z[5]);
+    } else {
+        z[4] = 0.0f;
+        z[5] = 0.0f;
+    }
+    float d[3];
+    for (int a = 0; a < 3; ++a) {
+        float u = v[a] - vd[a];
+        d[a] = vd[a] * dt + P[4] * u + P[2] * z[2 * a] + P[3] * z[2 * a + 1] + crowd[3 * c + a];
+        v[a] = vd[a] + P[0] * u + P[1] * z[2 * a];
+    }
+    if (ndim == 2) {
+        d[2] = 0.0f;
+        v[2] = 0.0f;
+    }
+    float lo[3] = {ox, oy, oz};
+    float hi[3] = {ox + nx * dx, oy + ny * dx, oz + nz * dx};
+    int idx[3] = {i, j, k};
+    int nn[3] = {nx, ny, nz};
+    float o3[3] = {ox, oy, oz};
+    for (int a = 0; a < ndim; ++a) {
+        // Equal substeps shorter than max_disp (< dx): each crosses at most one voxel face, so
+        // the wall test after each one cannot be tunnelled through.
+        int nsub = (int)ceilf(fabsf(d[a]) / max_disp);
+        if (nsub < 1) nsub = 1;
+        if (nsub > MAX_SUBSTEPS) {
+            nsub = MAX_SUBSTEPS;
+            d[a] = d[a] > 0.0f ? MAX_SUBSTEPS * max_disp : -MAX_SUBSTEPS * max_disp;
+            atomicOr(flags, FLAG_DISPLACEMENT_CAPPED);
+        }
+        float sub = d[a] / (float)nsub;
+        float va = v[a];
+        for (int s = 0; s < nsub; ++s) {
+            float q = p[a] + sub;
+            float vq = va, sq = sub;
+            if (q < lo[a]) {
+                q = lo[a] + (lo[a] - q);
+                vq = -vq;
+                sq = -sq;
+            } else if (q >= hi[a]) {
+                q = hi[a] - (q - hi[a]);
+                vq = -vq;
+                sq = -sq;
+            }
+            q = fminf(fmaxf(q, lo[a]), hi[a]);
+            int t3[3] = {idx[0], idx[1], idx[2]};
+            t3[a] = clampi((int)floorf((q - o3[a]) / dx), 0, nn[a] - 1);
+            if (open[t3[2] * nxy + (i64)t3[1] * nx + t3[0]]) {
+                p[a] = q;
+                va = vq;
+                sub = sq;
+                idx[a] = t3[a];
+            } else {
+                va = -va;  // blocked: drop the rest of this axis' move, reverse the component
+                break;
+            }
+        }
+        v[a] = va;
+    }
+    for (int a = 0; a < 3; ++a) {
+        pos[3 * c + a] = p[a];
+        vel[3 * c + a] = v[a];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claims. Step 1: each eligible source keeps its best pair as a packed 64-bit key
+// (float bits of r^2) << 32 | target index, taken with atomicMin: nearest target wins, ties go to
+// the lowest index (indices ascend with ids, see Population). Step 2: each chosen target keeps the
+// lowest source id (atomicMin). Integer atomics only, so the outcome is deterministic.
+extern "C" __global__ void claim_choose(const int* __restrict__ pi, const int* __restrict__ pj, i64 npairs,
+                                        const float* __restrict__ pos, const unsigned char* __restrict__ src_ok,
+                                        const unsigned char* __restrict__ tgt_ok,
+                                        const int* __restrict__ taken_by, unsigned long long* __restrict__ best) {
+    i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= npairs) return;
+    int i = pi[p], j = pj[p];
+    if (i < 0 || j < 0) return;
+    if (!src_ok[i] || !tgt_ok[j] || taken_by[j] >= 0) return;
+    float ux = pos[3 * i] - pos[3 * j], uy = pos[3 * i + 1] - pos[3 * j + 1], uz = pos[3 * i + 2] - pos[3 * j + 2];
+    float r2 = ux * ux + uy * uy + uz * uz;
+    unsigned long long key = ((unsigned long long)__float_as_uint(r2) << 32) | (unsigned int)j;
+    atomicMin(best + i, key);
+}
+
+extern "C" __global__ void claim_resolve(const unsigned long long* __restrict__ best, const i64* __restrict__ id,
+                                         int n, unsigned long long* __restrict__ winner) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned long long b = best[i];
+    if (b == 0xffffffffffffffffull) return;
+    int j = (int)(b & 0xffffffffull);
+    atomicMin(winner + j, (unsigned long long)id[i]);
+}
+
+// Source i wins target j when winner[j] == id[i]: record it, mark both as used for later rounds.
+extern "C" __global__ void claim_commit(const unsigned long long* __restrict__ best,
+                                        const unsigned long long* __restrict__ winner, const i64* __restrict__ id,
+                                        int n, int* __restrict__ target_of, int* __restrict__ taken_by,
+                                        unsigned char* __restrict__ src_ok) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned long long b = best[i];
+    if (b == 0xffffffffffffffffull) return;
+    int j = (int)(b & 0xffffffffull);
+    if (winner[j] == (unsigned long long)id[i]) {
+        target_of[i] = j;
+        taken_by[j] = i;
+        src_ok[i] = 0;
+    }
+}
+
+// Test kernel: four uint32 per id (parity with rng.draw).
+extern "C" __global__ void philox_fill(const i64* __restrict__ id, int n, unsigned int step, unsigned int purpose,
+                                       unsigned int draw, unsigned int k0, unsigned int k1,
+                                       unsigned int* __restrict__ out) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    tsim_u32x4 r = tsim_draw(id[i], step, purpose, draw, k0, k1);
+    out[4 * i] = r.x;
+    out[4 * i + 1] = r.y;
+    out[4 * i + 2] = r.z;
+    out[4 * i + 3] = r.w;
+}
+
+// Test kernel: float32 normals, two per uint32 pair (parity with rng.box_muller).
+extern "C" __global__ void box_muller_fill(const unsigned int* __restrict__ a, const unsigned int* __restrict__ b,
+                                           int n, float* __restrict__ z0, float* __restrict__ z1) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    tsim_box_muller(a[i], b[i], &z0[i], &z1[i]);
+}

@@ -1,0 +1,80 @@
+"""Population: births, deaths, ids, capacity growth, extra attributes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tissuesim.agents import Population
+
+
+def _add(pop, m, rs, t=0):
+    pos = rs.uniform(0, 100, (m, 3)).astype(np.float32)
+    return pop.add(pop.xp.asarray(pos), t, kills=pop.xp.arange(m, dtype=np.int32) + 10 * t), pos
+
+
+def test_capacity_growth_preserves_every_cell(be):
+    rs = np.random.default_rng(1)
+    pop = Population(be, capacity=3, attrs={"kills": np.int32})
+    pop.register("engaged_until", np.float32, fill=-1.0)
+    host = []
+    for k in range(6):
+        m = 5 * k + 1
+        ids, pos = _add(pop, m, rs, t=k)
+        host.append((be.asnumpy(ids), pos, k))
+    assert pop.capacity >= pop.n == sum(5 * k + 1 for k in range(6))
+    # amortised doubling from 3: capacity = 3 * 2^k, the smallest such >= n
+    k = pop.capacity // 3
+    assert pop.capacity % 3 == 0 and k & (k - 1) == 0 and pop.capacity // 2 < pop.n
+    h = pop.host_arrays()
+    ids = np.concatenate([x[0] for x in host])
+    np.testing.assert_array_equal(h["id"], ids)
+    np.testing.assert_array_equal(h["id"], np.arange(pop.n))
+    np.testing.assert_array_equal(h["position"], np.concatenate([x[1] for x in host]))
+    np.testing.assert_array_equal(h["type"], np.concatenate([np.full(len(x[0]), x[2]) for x in host]))
+    np.testing.assert_array_equal(
+        h["kills"], np.concatenate([np.arange(len(x[0])) + 10 * x[2] for x in host])
+    )
+    assert (h["engaged_until"] == -1).all() and h["kills"].dtype == np.int32
+    assert set(h) >= {"position", "velocity", "type", "id", "state", "age", "kills", "engaged_until"}
+
+
+def test_births_and_deaths_ids_unique_counts_exact(be):
+    rs = np.random.default_rng(2)
+    pop = Population(be, capacity=8)
+    alive = {}
+    ever = set()
+    for _ in range(30):
+        m = int(rs.integers(0, 40))
+        pos = rs.uniform(0, 100, (m, 3)).astype(np.float32)
+        ids = be.asnumpy(pop.add(be.asarray(pos), be.asarray(rs.integers(0, 7, m))))
+        assert not (set(ids.tolist()) & ever), "an id was reused"
+        ever |= set(ids.tolist())
+        for i, p in zip(ids, pos):
+            alive[int(i)] = p
+        kill = rs.random(pop.n) < 0.3
+        cur = be.asnumpy(pop.view("id")).copy()
+        removed = pop.remove(be.asarray(kill))
+        assert removed == int(kill.sum())
+        for i in cur[kill]:
+            del alive[int(i)]
+        h = pop.host_arrays()
+        assert pop.n == len(alive) == len(h["id"])
+        assert np.all(np.diff(h["id"]) > 0), "rows must stay sorted by id (stable compaction)"
+        np.testing.assert_array_equal(
+            h["position"], np.array([alive[int(i)] for i in h["id"]]).reshape(-1, 3)
+        )
+
+
+def test_unknown_attribute_and_bad_dtype(be):
+    pop = Population(be)
+    with pytest.raises(KeyError):
+        pop.add(be.xp.zeros((1, 3)), 0, nope=1)
+    with pytest.raises(TypeError):
+        pop.register("x", np.float64)
+
+
+def test_counts_by_type(be):
+    pop = Population(be)
+    pop.add(be.xp.zeros((5, 3)), be.xp.asarray([0, 2, 2, 6, 2], dtype=np.uint8))
+    np.testing.assert_array_equal(be.asnumpy(pop.counts_by_type(7)), [1, 0, 3, 0, 0, 0, 1])

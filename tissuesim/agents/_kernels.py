@@ -1,0 +1,32 @@
+"""Loading and launching the kernels of kernels/agents.cu (CuPy side only)."""
+
+from __future__ import annotations
+
+from tissuesim.backend import Backend, get_kernel
+
+FILENAME = "agents.cu"
+#: --fmad=false: no fused multiply-adds, so float arithmetic rounds as in the NumPy twins
+#: (only transcendental functions then differ, by an ulp).
+OPTIONS = ("--fmad=false",)
+BLOCK = 256
+
+# Device flag bits (same values as the #defines in agents.cu).
+FLAG_PAIR_OVERFLOW = 1
+FLAG_DISPLACEMENT_CAPPED = 2
+FLAG_IN_CLOSED_VOXEL = 4
+FLAG_BAD_TYPE = 8
+
+FLAG_NAMES = {
+    FLAG_PAIR_OVERFLOW: "pair buffer overflow (contacts were dropped)",
+    FLAG_DISPLACEMENT_CAPPED: "a step longer than 64 x 0.99 dx along an axis was capped (dt far too large)",
+    FLAG_IN_CLOSED_VOXEL: "a cell sat inside a closed voxel",
+    FLAG_BAD_TYPE: "a cell type without motility parameters",
+}
+
+
+def launch(be: Backend, name: str, n: int, args: tuple) -> None:
+    """Launch kernel `name` with one thread per item (n items); no-op for n == 0."""
+    if n <= 0:
+        return
+    k = get_kernel(be, FILENAME, name, options=OPTIONS)
+    k(((int(n) + BLOCK - 1) // BLOCK,), (BLOCK,), args)

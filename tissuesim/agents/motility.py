@@ -1,0 +1,537 @@
+"""Cell motility: persistent random walk, chemotaxis, crowding, walls, vessel entry and exit.
+
+Persistent random walk (Ornstein-Uhlenbeck velocity). Per axis, with persistence time P (min)
+and speed s (um/min, root-mean-square speed in d = 2 or 3 dimensions)::
+
+    dv = -(v - v_d) / P dt + sqrt(2 sigma^2 / P) dW,   dx = v dt,   sigma^2 = s^2 / d
+
+so <|v|^2> = s^2 and, without drift, the mean squared displacement is Fuerth's formula
+
+    MSD(t) = 2 d D [t - P (1 - exp(-t / P))],   D = sigma^2 P = s^2 P / d
+
+(Fuerth 1920; Dunn & Brown 1987; Wu et al., Nat Protoc 2014). The step integrates the OU
+process exactly over dt (velocity and displacement drawn jointly; Gillespie, Phys Rev E 54, 2084
+(1996)), so the MSD is exact for any dt/P, not only for dt << P: with a = exp(-dt/P),
+
+    v'  = v_d + a (v - v_d) + sd_v xi1
+    dx  = v_d dt + P (1 - a)(v - v_d) + c_xv xi1 + sd_x xi2
+    sd_v^2 = sigma^2 (1 - a^2),  Var dx = sigma^2 P^2 (2 dt/P - 3 + 4 a - a^2),
+    Cov = sigma^2 P (1 - a)^2,   c_xv = Cov / sd_v,  sd_x^2 = Var dx - Cov^2 / sd_v^2.
+
+Chemotaxis (receptor-occupancy sensing, Lauffenburger & Linderman, "Receptors", 1993; Tranquillo,
+Lauffenburger & Zigmond, J Cell Biol 106, 303 (1988)): the drift velocity follows the gradient of
+the fraction of bound receptors f = c / (K + c):
+
+    v_d = chi grad f = chi K / (K + c)^2 grad c,   |v_d| <= max_drift_fraction * s
+
+with chi the chemotactic sensitivity (um^2/min) and K the receptor dissociation constant (field
+units). Bias is strongest at c ~ K and fades where receptors saturate (c >> K). grad c comes
+from central differences at the cell's voxel over open neighbours (one-sided next to closed
+voxels and domain faces, zero where both neighbours along an axis are closed).
+
+Crowding: see neighbours.crowd_displacement (pairs overlapping within R_i + R_j pushed apart).
+
+Walls (documented rule): the step is applied axis by axis (x, y, z), each axis component in
+equal substeps shorter than 0.99 dx, so a substep crosses at most one voxel face. A substep that
+would end in a closed voxel stops that axis' move (the cell stays at the last open position
+along it) and reverses that velocity component; the other axes still move, so a cell slides
+along a wall and never enters, nor tunnels through, a closed voxel. Domain faces reflect the
+position and the velocity component. In 2D (nz == 1) z and v_z stay fixed. Only a component
+longer than 64 x 0.99 dx in one step is capped (FLAG_DISPLACEMENT_CAPPED): dt is far too large.
+
+CUDA: kernels/agents.cu move_cells; NumPy twin: move_cells_numpy (same float32 arithmetic).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tissuesim.agents import _kernels as K
+from tissuesim.agents import rng
+from tissuesim.agents.neighbours import build_cell_list, crowd_displacement
+from tissuesim.agents.population import Population
+from tissuesim.grid import Grid
+
+NTP = 9  # per-type parameters in the kernel table (agents.cu)
+MAX_SUBSTEPS = 64  # as in agents.cu: an axis move of more than 64 max_disp is capped (flagged)
+MAX_DISP_FRACTION = 0.99
+
+
+@dataclass(frozen=True)
+class MotilityParams:
+    """Motility of one cell type.
+
+    speed_um_per_min : RMS crawling speed s (0: sessile).
+    persistence_min : persistence time P of the OU velocity (> 0).
+    chemotaxis_field : name of the field followed, or None.
+    chemotactic_sensitivity_um2_per_min : chi in v_d = chi K/(K+c)^2 grad c.
+    receptor_kd : K, in the field's units.
+    max_drift_fraction : cap of |v_d| as a fraction of speed.
+    crowding_radius_um : cell radius for crowding (0: the type neither pushes nor is pushed).
+    crowding_stiffness_per_min : overlap relaxation rate k (fraction min(1, k dt) per step).
+    """
+
+    speed_um_per_min: float = 5.0
+    persistence_min: float = 3.0
+    chemotaxis_field: str | None = None
+    chemotactic_sensitivity_um2_per_min: float = 0.0
+    receptor_kd: float = 1.0
+    max_drift_fraction: float = 1.0
+    crowding_radius_um: float = 0.0
+    crowding_stiffness_per_min: float = 1.0
+
+    def __post_init__(self):
+        if not self.speed_um_per_min >= 0:
+            raise ValueError(f"speed_um_per_min must be >= 0, got {self.speed_um_per_min}")
+        if not self.persistence_min > 0:
+            raise ValueError(f"persistence_min must be > 0, got {self.persistence_min}")
+        if not self.receptor_kd > 0:
+            raise ValueError(f"receptor_kd must be > 0, got {self.receptor_kd}")
+        if self.crowding_radius_um < 0 or self.crowding_stiffness_per_min < 0:
+            raise ValueError("crowding radius and stiffness must be >= 0")
+
+
+def ou_coefficients(speed: float, persistence: float, dt: float, ndim: int) -> tuple[float, ...]:
+    """(a, sd_v, c_xv, sd_x, P(1-a)) of the exact OU step, computed in float64."""
+    sig2 = speed * speed / ndim
+    h = dt / persistence
+    a = math.exp(-h)
+    one_m_a = -math.expm1(-h)
+    var_v = sig2 * one_m_a * (1.0 + a)
+    var_x = sig2 * persistence**2 * (2.0 * h - one_m_a * (3.0 - a))
+    cov = sig2 * persistence * one_m_a**2
+    sd_v = math.sqrt(var_v)
+    c_xv = cov / sd_v if sd_v > 0 else 0.0
+    sd_x = math.sqrt(max(var_x - (cov * cov / var_v if var_v > 0 else 0.0), 0.0))
+    return a, sd_v, c_xv, sd_x, persistence * one_m_a
+
+
+def type_table(params: Sequence[MotilityParams], field_names: Sequence[str], dt: float, ndim: int):
+    """Per-type kernel tables: tp float32 (ntypes, 9) and tfield int32 (ntypes,)."""
+    tp = np.zeros((len(params), NTP), dtype=np.float64)
+    tfield = np.full(len(params), -1, dtype=np.int32)
+    names = list(field_names)
+    for t, p in enumerate(params):
+        tp[t, :5] = ou_coefficients(p.speed_um_per_min, p.persistence_min, dt, ndim)
+        tp[t, 5] = p.chemotactic_sensitivity_um2_per_min
+        tp[t, 6] = p.receptor_kd
+        tp[t, 7] = p.max_drift_fraction * p.speed_um_per_min
+        if p.chemotaxis_field is not None and p.chemotactic_sensitivity_um2_per_min != 0:
+            if p.chemotaxis_field not in names:
+                raise KeyError(f"chemotaxis field {p.chemotaxis_field!r} not among fields {names}")
+            tfield[t] = names.index(p.chemotaxis_field)
+    return tp.astype(np.float32), tfield
+
+
+def _stack_fields(xp, fields, grid: Grid):
+    """(values float32 (nf, nz, ny, nx), names) from a FieldSet-like, a mapping, or None."""
+    if fields is None:
+        return xp.zeros((1, *grid.shape), dtype=np.float32), []
+    if isinstance(fields, Mapping):
+        names = list(fields)
+        vals = xp.stack([xp.asarray(fields[k], dtype=np.float32) for k in names]) if names else None
+        if vals is None:
+            return xp.zeros((1, *grid.shape), dtype=np.float32), []
+        return xp.ascontiguousarray(vals), names
+    return xp.ascontiguousarray(xp.asarray(fields.values, dtype=np.float32)), list(fields.names)
+
+
+def _open_u8(xp, open_mask, grid: Grid):
+    if open_mask is None:
+        return xp.ones(grid.shape, dtype=np.uint8)
+    m = xp.asarray(open_mask)
+    if tuple(m.shape) != tuple(grid.shape):
+        raise ValueError(f"open_mask shape {tuple(m.shape)} != grid shape {grid.shape}")
+    return xp.ascontiguousarray(m != 0).view(np.uint8)
+
+
+def move_cells_numpy(
+    pos,
+    vel,
+    type_,
+    ids,
+    crowd,
+    fields,
+    tfield,
+    tp,
+    open_,
+    grid: Grid,
+    n,
+    dt,
+    step,
+    k0,
+    k1,
+    ndim,
+    max_disp,
+    flags,
+):
+    """NumPy twin of kernel move_cells: updates pos, vel (float32 (>= n, 3)) rows [:n] in place."""
+    f32 = np.float32
+    if n == 0:
+        return
+    nz, ny, nx = grid.shape
+    dx = f32(grid.dx)
+    ox, oy, oz = (f32(o) for o in grid.origin)
+    t = type_[:n].astype(np.int64)
+    if (t >= tp.shape[0]).any():
+        flags[0] |= np.uint32(K.FLAG_BAD_TYPE)
+    good = t < tp.shape[0]
+    t = np.where(good, t, 0)
+    # per-cell parameter columns, gathered contiguous (faster than strided views of tp[t])
+    P = [tp[:, c][t] for c in range(NTP)]
+    p = pos[:n].copy()
+    v = vel[:n].copy()
+    o3 = (ox, oy, oz)
+    nn = (nx, ny, nz)
+
+    def vox(q):
+        return [np.clip(np.floor((q[:, a] - o3[a]) / dx).astype(np.int64), 0, nn[a] - 1) for a in range(3)]
+
+    open_flat = open_.reshape(-1)
+    i, j, k = vox(p)
+    nxy = nx * ny
+    here = k * nxy + j * nx + i
+    if (open_flat[here[good]] == 0).any():
+        flags[0] |= np.uint32(K.FLAG_IN_CLOSED_VOXEL)
+
+    vd = np.zeros((n, 3), dtype=f32)
+    fi = tfield[t]
+    chem = np.flatnonzero((fi >= 0) & good)
+    if chem.size:
+        fflat = fields.reshape(-1)
+        nvox = nz * nxy
+        h = here[chem]
+        base = fi[chem].astype(np.int64) * nvox + h  # flat index into the stacked fields
+        cc = fflat[base]
+        idx3 = (i[chem], j[chem], k[chem])
+        stride = (1, nx, nxy)
+        g = np.zeros((chem.size, 3), dtype=f32)
+        for a in range(ndim):
+            up = idx3[a] + 1 < nn[a]
+            dn = idx3[a] >= 1
+            ip = (up & (open_flat[np.where(up, h + stride[a], h)] != 0)).astype(np.int64)
+            im = (dn & (open_flat[np.where(dn, h - stride[a], h)] != 0)).astype(np.int64)
+            s = ip + im
+            fp = fflat[base + ip * stride[a]]
+            fm = fflat[base - im * stride[a]]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ga = (fp - fm) / (s.astype(f32) * dx)
+            g[:, a] = np.where(s > 0, ga, f32(0))
+        Kd = P[6][chem]
+        den = Kd + cc
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sc = np.where(den > 0, P[5][chem] * Kd / (den * den), f32(0)).astype(f32)
+        g = g * sc[:, None]
+        m2 = g[:, 0] * g[:, 0] + g[:, 1] * g[:, 1] + g[:, 2] * g[:, 2]
+        cap = P[7][chem]
+        over = m2 > cap * cap
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fac = np.where(over, cap / np.sqrt(m2), f32(1))
+        g = np.where(over[:, None], g * fac[:, None], g)
+        vd[chem] = g
+
+    idn = ids[:n]
+    r0 = rng.draw(idn, step, rng.PURPOSE_MOVE, 0, (k1 << 32) | k0)
+    z = np.zeros((n, 6), dtype=f32)
+    z[:, 0], z[:, 1] = rng.box_muller(r0[0], r0[1])
+    z[:, 2], z[:, 3] = rng.box_muller(r0[2], r0[3])
+    if ndim == 3:
+        r1 = rng.draw(idn, step, rng.PURPOSE_MOVE, 1, (k1 << 32) | k0)
+        z[:, 4], z[:, 5] = rng.box_muller(r1[0], r1[1])
+    d = np.zeros((n, 3), dtype=f32)
+    for a in range(3):
+        u = v[:, a] - vd[:, a]
+        d[:, a] = vd[:, a] * f32(dt) + P[4] * u + P[2] * z[:, 2 * a] + P[3] * z[:, 2 * a + 1] + crowd[:n, a]
+        v[:, a] = vd[:, a] + P[0] * u + P[1] * z[:, 2 * a]
+    if ndim == 2:
+        d[:, 2] = 0
+        v[:, 2] = 0
+    lo = (ox, oy, oz)
+    hi = (f32(ox + f32(nx) * dx), f32(oy + f32(ny) * dx), f32(oz + f32(nz) * dx))
+    idx = [i, j, k]  # voxel of the current position, updated substep by substep
+    for a in range(ndim):
+        # equal substeps shorter than max_disp (< dx), as the kernel: no tunnelling through walls
+        nsub = np.maximum(np.ceil(np.abs(d[:, a]) / max_disp).astype(np.int64), 1)
+        over = nsub > MAX_SUBSTEPS
+        if over[good].any():
+            flags[0] |= np.uint32(K.FLAG_DISPLACEMENT_CAPPED)
+        if over.any():
+            d[:, a] = np.where(
+                over,
+                np.where(d[:, a] > 0, f32(MAX_SUBSTEPS) * max_disp, f32(-MAX_SUBSTEPS) * max_disp),
+                d[:, a],
+            )
+            nsub = np.minimum(nsub, MAX_SUBSTEPS)
+        sub = d[:, a] / nsub.astype(f32)
+        va = v[:, a].copy()
+        moving = np.ones(n, dtype=bool)
+        for s_ in range(int(nsub.max())):
+            act = moving & (s_ < nsub)
+            if not act.any():
+                break
+            q = p[:, a] + sub
+            below = q < lo[a]
+            above = ~below & (q >= hi[a])
+            refl = below | above
+            q = np.where(below, lo[a] + (lo[a] - q), np.where(above, hi[a] - (q - hi[a]), q))
+            vq = np.where(refl, -va, va)
+            sq = np.where(refl, -sub, sub)
+            q = np.minimum(np.maximum(q, lo[a]), hi[a])
+            ca = np.clip(np.floor((q - o3[a]) / dx).astype(np.int64), 0, nn[a] - 1)
+            t3 = list(idx)
+            t3[a] = ca
+            ok = open_flat[(t3[2] * ny + t3[1]) * nx + t3[0]] != 0
+            go = act & ok
+            stop = act & ~ok
+            p[:, a] = np.where(go, q, p[:, a])
+            va = np.where(go, vq, np.where(stop, -va, va))
+            sub = np.where(go, sq, sub)
+            idx[a] = np.where(go, ca, idx[a])
+            moving &= ~stop
+        v[:, a] = va
+    if good.all():
+        pos[:n] = p
+        vel[:n] = v
+    else:
+        pos[:n] = np.where(good[:, None], p, pos[:n])
+        vel[:n] = np.where(good[:, None], v, vel[:n])
+
+
+def _as_params(pop: Population, motility):
+    if motility is None:
+        motility = getattr(pop, "motility", None)
+    if motility is None:
+        raise ValueError("move needs motility parameters (a sequence of MotilityParams, index = type)")
+    if isinstance(motility, MotilityParams):
+        motility = [motility]
+    return list(motility)
+
+
+def move(
+    pop: Population,
+    grid: Grid,
+    open_mask,
+    dt_min: float,
+    step: int,
+    seed: int,
+    motility: Sequence[MotilityParams] | None = None,
+    fields=None,
+    cell_list=None,
+) -> None:
+    """Advance every live cell of ``pop`` by one step of dt_min minutes (in place, no sync).
+
+    open_mask : (nz, ny, nx) bool/uint8, nonzero where cells may be, or None (all open).
+    step, seed : the random stream key (counter-based; same inputs, same outcome).
+    motility : MotilityParams per cell type (index = type), or None to use ``pop.motility``.
+    fields : FieldSet-like (``.values`` (nf, nz, ny, nx), ``.names``), a {name: (nz, ny, nx)}
+        mapping, or None; only needed for chemotaxis.
+    cell_list : a current CellList of width >= 2 max crowding radius, or None (built here when
+        any type crowds).
+    Ages advance by dt_min. Conditions found on the device (capped steps, cells in closed voxels,
+    unknown types) raise bits in ``pop.flags`` (see Population.check_flags).
+    """
+    xp = pop.xp
+    params = _as_params(pop, motility)
+    ndim = grid.ndim
+    vals, names = _stack_fields(xp, fields, grid)
+    tp_h, tfield_h = type_table(params, names, dt_min, ndim)
+    open_ = _open_u8(xp, open_mask, grid)
+    n = pop.n
+    if n == 0:
+        return
+    radius = np.array([p.crowding_radius_um for p in params], dtype=np.float32)
+    stiff = np.array([p.crowding_stiffness_per_min for p in params], dtype=np.float32)
+    if radius.max() > 0:
+        width = 2.0 * float(radius.max())
+        if cell_list is None or cell_list.width < width or cell_list.n != n:
+            cell_list = build_cell_list(pop, grid, width)
+        crowd = crowd_displacement(pop, cell_list, radius, stiff, dt_min)
+    else:
+        crowd = xp.zeros((n, 3), dtype=np.float32)
+    k0, k1 = rng.seed_key(seed)
+    max_disp = np.float32(MAX_DISP_FRACTION * grid.dx)
+    if pop.be.is_gpu:
+        nz, ny, nx = grid.shape
+        ox, oy, oz = grid.origin
+        K.launch(
+            pop.be,
+            "move_cells",
+            n,
+            (
+                pop.position,
+                pop.velocity,
+                pop.type,
+                pop.id,
+                crowd,
+                vals,
+                xp.asarray(tfield_h),
+                xp.asarray(tp_h),
+                np.int32(len(params)),
+                open_,
+                np.int32(nx),
+                np.int32(ny),
+                np.int32(nz),
+                np.float32(grid.dx),
+                np.float32(ox),
+                np.float32(oy),
+                np.float32(oz),
+                np.int32(n),
+                np.float32(dt_min),
+                np.uint32(step & 0xFFFFFFFF),
+                np.uint32(k0),
+                np.uint32(k1),
+                np.int32(ndim),
+                max_disp,
+                pop.flags,
+            ),
+        )
+    else:
+        move_cells_numpy(
+            pop.position,
+            pop.velocity,
+            pop.type,
+            pop.id,
+            crowd,
+            vals,
+            tfield_h,
+            tp_h,
+            open_,
+            grid,
+            n,
+            dt_min,
+            step & 0xFFFFFFFF,
+            k0,
+            k1,
+            ndim,
+            max_disp,
+            pop.flags,
+        )
+    pop.age[:n] += np.float32(dt_min)
+
+
+def init_velocity(
+    pop: Population, motility: Sequence[MotilityParams], ndim: int, seed: int, rows=None
+) -> None:
+    """Draw velocities from the stationary OU law (each axis N(0, s^2/d)) for ``rows`` (default all).
+
+    Keyed by (seed, id, step 0xffffffff, PURPOSE_MOVE, draw 2), so it never repeats a move draw.
+    Starting from the stationary law makes the Fuerth MSD hold from t = 0.
+    """
+    xp = pop.xp
+    params = _as_params(pop, motility)
+    n = pop.n
+    rows = xp.arange(n) if rows is None else xp.asarray(rows)
+    ids = pop.id[rows]
+    r = rng.draw(ids, 0xFFFFFFFF, rng.PURPOSE_MOVE, 2, seed, xp=xp)
+    z0, z1 = rng.box_muller(r[0], r[1], xp)
+    z2, _ = rng.box_muller(r[2], r[3], xp)
+    sig = xp.asarray(np.array([p.speed_um_per_min / math.sqrt(ndim) for p in params], dtype=np.float32))
+    s = sig[pop.type[rows].astype(np.int64)]
+    v = xp.stack([z0 * s, z1 * s, z2 * s if ndim == 3 else xp.zeros_like(z2)], axis=1)
+    pop.velocity[rows] = v.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# vessels
+def vessel_sites(vessel_mask, xp=np):
+    """Flat voxel indices (int64) of the vessel voxels (one sync: the count). Cache the result."""
+    return xp.flatnonzero(xp.asarray(vessel_mask).reshape(-1) != 0).astype(np.int64)
+
+
+def extravasate(
+    pop: Population,
+    grid: Grid,
+    sites,
+    cell_type: int,
+    step: int,
+    seed: int,
+    expected_number: float | None = None,
+    rate_per_min_per_vessel_voxel: float | None = None,
+    dt_min: float | None = None,
+    n_sites: int | None = None,
+    **attrs,
+):
+    """Cells of ``cell_type`` entering the tissue from blood through vessel voxels.
+
+    sites : int64 flat voxel indices from :func:`vessel_sites` (cache it: vessels are static).
+    The number entering is Poisson with mean ``expected_number``, or
+    rate_per_min_per_vessel_voxel x n_sites x dt_min; it is drawn on the host from Philox
+    (stream = cell_type), so the birth count is known without a device sync. Each new cell sits
+    in a uniformly chosen site at a uniform point inside the voxel (z at the slab centre in 2D),
+    with zero velocity; its draws are keyed by its new id. Returns the new ids.
+    """
+    xp = pop.xp
+    if n_sites is None:
+        n_sites = int(sites.shape[0])
+    if expected_number is None:
+        if rate_per_min_per_vessel_voxel is None or dt_min is None:
+            raise ValueError("give expected_number, or rate_per_min_per_vessel_voxel and dt_min")
+        expected_number = rate_per_min_per_vessel_voxel * n_sites * dt_min
+    if n_sites == 0:
+        return xp.zeros(0, dtype=np.int64)
+    m = rng.poisson_host(expected_number, seed, step, int(cell_type))
+    ids = xp.arange(pop.next_id, pop.next_id + m, dtype=np.int64)
+    if m == 0:
+        return ids
+    r = rng.draw(ids, step, rng.PURPOSE_EXTRAVASATE, 0, seed, xp=xp)
+    pick = xp.minimum((rng.uniform(r[0], xp).astype(np.float64) * n_sites).astype(np.int64), n_sites - 1)
+    flat = xp.asarray(sites)[pick]
+    nz, ny, nx = grid.shape
+    k, rem = flat // (ny * nx), flat % (ny * nx)
+    j, i = rem // nx, rem % nx
+    ox, oy, oz = grid.origin
+    dx = grid.dx
+    pos = xp.empty((m, 3), dtype=np.float32)
+    pos[:, 0] = ox + (i + rng.uniform(r[1], xp)) * dx
+    pos[:, 1] = oy + (j + rng.uniform(r[2], xp)) * dx
+    pos[:, 2] = oz + (k + (rng.uniform(r[3], xp) if nz > 1 else 0.5)) * dx
+    # float32 rounding may land exactly on the upper voxel face: pull it back inside.
+    for a, (o, c) in enumerate(((ox, i), (oy, j), (oz, k))):
+        upper = (o + (c + 1) * dx).astype(np.float32)
+        pos[:, a] = xp.where(pos[:, a] >= upper, xp.nextafter(upper, np.float32(-np.inf)), pos[:, a])
+    got = pop.add(pos, xp.full(m, cell_type, dtype=np.uint8), **attrs)
+    return got
+
+
+def intravasate(
+    pop: Population,
+    grid: Grid,
+    vessel_mask,
+    prob_per_min,
+    dt_min: float,
+    step: int,
+    seed: int,
+    type_filter=None,
+    ntypes: int = 32,
+):
+    """Cells in vessel voxels leaving the tissue into blood; returns counts per type (int64 (ntypes,)).
+
+    prob_per_min : exit rate (1/min), a scalar or per type (ntypes,); a cell in a vessel voxel
+    leaves with probability 1 - exp(-rate dt). type_filter : types allowed to leave (None: all).
+    The decision is keyed by (seed, id, step, PURPOSE_INTRAVASATE). The counts stay on the
+    device; removing the cells reads back one integer (Population.remove).
+    """
+    xp = pop.xp
+    n = pop.n
+    if n == 0:
+        return xp.zeros(ntypes, dtype=np.int64)
+    rate = np.broadcast_to(np.asarray(prob_per_min, dtype=np.float64), (ntypes,))
+    p_exit = xp.asarray((-np.expm1(-rate * dt_min)).astype(np.float32))
+    allowed = np.zeros(ntypes, dtype=bool)
+    if type_filter is None:
+        allowed[:] = True
+    else:
+        allowed[np.atleast_1d(np.asarray(type_filter, dtype=np.int64))] = True
+    allowed = xp.asarray(allowed)
+    vmask = xp.asarray(vessel_mask).reshape(-1) != 0
+    in_vessel = vmask[grid.voxel_index(pop.position[:n], xp=xp)]
+    t = pop.type[:n].astype(np.int64)
+    r = rng.draw(pop.id[:n], step, rng.PURPOSE_INTRAVASATE, 0, seed, xp=xp)
+    leave = in_vessel & allowed[t] & (rng.uniform(r[0], xp) < p_exit[t])
+    counts = xp.bincount(t[leave], minlength=ntypes)[:ntypes]
+    pop.remove(leave)
+    return counts

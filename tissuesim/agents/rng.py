@@ -1,0 +1,142 @@
+"""Philox4x32-10 counter-based random numbers, bit-exact twin of kernels/philox.cuh.
+
+Every draw is a pure function of (seed, cell id, step, purpose, draw index)::
+
+    counter = (id & 0xffffffff, id >> 32, step, purpose << 16 | draw)
+    key     = (seed & 0xffffffff, seed >> 32)
+
+so a run gives the same numbers whatever the thread count, scheduling or memory order of the
+cells, and a restart from a checkpoint continues the same streams. The functions here are written
+against an array module ``xp`` (numpy or cupy) with vectorised uint32/uint64 arithmetic, so the
+same code also runs on the GPU where no custom kernel is needed (e.g. placing new cells).
+
+Reference: J. K. Salmon, M. A. Moraes, R. O. Dror, D. E. Shaw, "Parallel random numbers: as
+easy as 1, 2, 3", SC'11 (2011), doi:10.1145/2063384.2063405.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+M0 = 0xD2511F53
+M1 = 0xCD9E8D57
+W0 = 0x9E3779B9
+W1 = 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+#: purposes (the high 16 bits of counter word 3); one per kind of decision so streams never overlap
+PURPOSE_MOVE = 1
+PURPOSE_EXTRAVASATE = 2
+PURPOSE_INTRAVASATE = 3
+PURPOSE_POISSON = 4
+PURPOSE_CLAIM = 5
+PURPOSE_USER = 64  # first purpose free for the biology layer
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1, xp=np):
+    """Philox4x32-10 block function.
+
+    c0..c3 : uint32 arrays (broadcastable) of counter words; k0, k1 : key words (uint32 arrays or
+    Python ints). Returns four uint32 arrays. uint32 x uint32 products are formed in uint64, so
+    the high and low halves are exact on numpy and cupy alike.
+    """
+    u32, u64 = xp.uint32, xp.uint64
+    c0, c1, c2, c3 = (xp.asarray(c, dtype=u32) for c in (c0, c1, c2, c3))
+    m0, m1 = u64(M0), u64(M1)
+    sh = u64(32)
+    scalar_key = isinstance(k0, (int, np.integer)) and isinstance(k1, (int, np.integer))
+    for r in range(10):
+        # Key schedule k + r W (mod 2^32); Python ints keep numpy from warning about wrap-around.
+        if scalar_key:
+            kr0 = u32((int(k0) + r * W0) & _MASK32)
+            kr1 = u32((int(k1) + r * W1) & _MASK32)
+        else:
+            kr0 = (xp.asarray(k0, dtype=u64) + u64(r * W0)).astype(u32)
+            kr1 = (xp.asarray(k1, dtype=u64) + u64(r * W1)).astype(u32)
+        # uint32 words, products in uint64 (exact): high half p >> 32, low half the truncation
+        p0 = m0 * c0.astype(u64)
+        p1 = m1 * c2.astype(u64)
+        c0, c1, c2, c3 = (
+            (p1 >> sh).astype(u32) ^ c1 ^ kr0,
+            p1.astype(u32),
+            (p0 >> sh).astype(u32) ^ c3 ^ kr1,
+            p0.astype(u32),
+        )
+    return c0, c1, c2, c3
+
+
+def seed_key(seed: int) -> tuple[int, int]:
+    """(k0, k1) key words of a 64-bit seed (negative seeds wrap modulo 2^64)."""
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return s & _MASK32, s >> 32
+
+
+def draw(ids, step: int, purpose: int, draw_index: int, seed: int, xp=np):
+    """Four uint32 arrays for each id (int64 array) at (step, purpose, draw_index) under seed."""
+    ids = xp.asarray(ids, dtype=xp.int64).view(xp.uint64)
+    lo = (ids & xp.uint64(_MASK32)).astype(xp.uint32)
+    hi = (ids >> xp.uint64(32)).astype(xp.uint32)
+    c2 = xp.full(ids.shape, int(step) & _MASK32, dtype=xp.uint32)
+    c3 = xp.full(ids.shape, ((int(purpose) << 16) | (int(draw_index) & 0xFFFF)) & _MASK32, dtype=xp.uint32)
+    k0, k1 = seed_key(seed)
+    return philox4x32_10(lo, hi, c2, c3, k0, k1, xp=xp)
+
+
+def uniform(x, xp=np):
+    """float32 uniform in (0, 1) from uint32: (2 (x >> 9) + 1) 2^-24, exact in float32."""
+    x = xp.asarray(x, dtype=xp.uint32)
+    return ((x >> xp.uint32(9)) * xp.uint32(2) + xp.uint32(1)).astype(xp.float32) * xp.float32(2.0**-24)
+
+
+def box_muller(a, b, xp=np):
+    """Two float32 standard normals from two uint32 arrays (same formula as the CUDA side)."""
+    u1 = uniform(a, xp)
+    u2 = uniform(b, xp)
+    r = xp.sqrt(xp.float32(-2.0) * xp.log(u1))
+    th = xp.float32(6.2831855) * u2
+    return r * xp.cos(th), r * xp.sin(th)
+
+
+def uniform53(a, b) -> np.ndarray:
+    """float64 uniform in (0, 1) from two uint32 host arrays (53 random bits)."""
+    a = np.asarray(a, dtype=np.uint64) >> np.uint64(5)
+    b = np.asarray(b, dtype=np.uint64) >> np.uint64(6)
+    return ((a * np.uint64(1 << 26) + b).astype(np.float64) + 0.5) * 2.0**-53
+
+
+def poisson_host(lam: float, seed: int, step: int, stream: int) -> int:
+    """Exact Poisson(lam) sample on the host from counter-based uniforms.
+
+    Keyed by (seed, stream as the id word, step, PURPOSE_POISSON). lam is split into pieces of at
+    most 32 (a sum of independent Poisson variables is Poisson of the summed mean); each piece is
+    drawn by inversion of its CDF with a 53-bit uniform, so the result is exact and identical on
+    every backend (the host does the work; no device sync is needed to know a birth count).
+    """
+    lam = float(lam)
+    if not lam >= 0 or not math.isfinite(lam):
+        raise ValueError(f"Poisson mean must be finite and >= 0, got {lam}")
+    if lam == 0:
+        return 0
+    n_pieces = math.ceil(lam / 32.0)
+    if n_pieces > 0xFFFF:
+        raise ValueError(f"Poisson mean {lam} too large for the counter layout (max {32 * 0xFFFF})")
+    piece = lam / n_pieces
+    idx = np.full(n_pieces, int(stream), dtype=np.int64)
+    total = 0
+    # One Philox block per piece: draw index = piece number.
+    c0 = (idx.view(np.uint64) & np.uint64(_MASK32)).astype(np.uint32)
+    c1 = (idx.view(np.uint64) >> np.uint64(32)).astype(np.uint32)
+    c2 = np.full(n_pieces, int(step) & _MASK32, dtype=np.uint32)
+    c3 = ((PURPOSE_POISSON << 16) | np.arange(n_pieces, dtype=np.uint32)).astype(np.uint32)
+    k0, k1 = seed_key(seed)
+    x0, x1, _, _ = philox4x32_10(c0, c1, c2, c3, k0, k1)
+    u = uniform53(x0, x1)
+    # Inversion: smallest k with CDF(k) >= u; the pmf recursion is stable for means <= 32.
+    kmax = int(piece + 20 * math.sqrt(piece) + 40)
+    k = np.arange(kmax + 1)
+    logpmf = -piece + k * math.log(piece) - np.array([math.lgamma(i + 1) for i in k])
+    cdf = np.cumsum(np.exp(logpmf))
+    total = int(np.searchsorted(cdf, u, side="left").clip(0, kmax).sum())
+    return total
