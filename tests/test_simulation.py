@@ -101,12 +101,12 @@ def test_same_seed_same_run_different_seed_differs(tmp_path):
 
 
 def test_step_advances_the_clock_by_dt():
-    sim = tissuesim.Simulation(tiny_cfg("dt_min=2.0", "duration_days=1"))
+    sim = tissuesim.Simulation(tiny_cfg("dt_min=0.5", "duration_days=1"))
     for _ in range(3):
         sim.step()
-    assert sim.step_count == 3 and sim.day == pytest.approx(6.0 / 1440)
+    assert sim.step_count == 3 and sim.day == pytest.approx(1.5 / 1440)
     assert sim.run(until_day=0.01) == "completed"
-    assert sim.step_count == round(0.01 * 1440 / 2)
+    assert sim.step_count == round(0.01 * 1440 / 0.5)
 
 
 def _tissuesim(*args, **kw):

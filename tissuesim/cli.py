@@ -64,13 +64,19 @@ def _one_line(exc: BaseException) -> str:
     return "; ".join(lines[:1]) if lines else type(exc).__name__
 
 
-def _describe_override_error(ov, exc: BaseException) -> str:
-    """One line for a failed override: unknown group option, unknown key, bad type, ..."""
+def _describe_override_error(ov, exc: BaseException, value: str | None = None) -> str:
+    """One line for a failed override: unknown group option, unknown key, bad type, ...
+
+    value : for a sweep, the one value that failed (the message names it, not the whole list).
+    """
     from hydra.errors import MissingConfigException
 
     key = ov.key_or_group
-    value = ov.get_value_element_as_str() if not ov.is_sweep_override() else None
+    if value is None and not ov.is_sweep_override():
+        value = ov.get_value_element_as_str()
     shown = f"{ov.get_key_element()}={value}" if value is not None else ov.input_line
+    if value is not None and ov.is_sweep_override():
+        shown += f" (in the sweep {ov.input_line})"
     chain = []
     e: BaseException | None = exc
     while e is not None:
@@ -127,15 +133,15 @@ def preflight(argv: list[str]) -> None:
         else:
             base.append(ov.input_line)
 
-    variants = [(None, list(base))]
+    variants = [(None, None, list(base))]
     for i, ov in enumerate(parsed):
         if ov.is_sweep_override():
             for v in ov.sweep_string_iterator():
                 trial = list(base)
                 trial[i] = f"{ov.get_key_element()}={v}"
-                variants.append((ov, trial))
+                variants.append((ov, v, trial))
 
-    for culprit, trial in variants:
+    for culprit, culprit_value, trial in variants:
         try:
             cfg = _compose(trial)
         except (HydraException, OmegaConfBaseException, ValueError, KeyError) as exc:
@@ -144,14 +150,15 @@ def preflight(argv: list[str]) -> None:
                 bad = _find_culprit(parsed, trial)
             if bad is None:
                 raise ConfigError(_one_line(exc)) from None
-            raise ConfigError(_describe_override_error(bad, exc)) from None
+            raise ConfigError(_describe_override_error(bad, exc, culprit_value)) from None
         hydra_cfg = cfg.hydra
         with open_dict(cfg):
             del cfg["hydra"]
         try:
             validate(cfg)
         except (OmegaConfBaseException, ValueError) as exc:
-            raise ConfigError(str(exc).splitlines()[0]) from None
+            where = f" (in the sweep {culprit.input_line})" if culprit is not None else ""
+            raise ConfigError(str(exc).splitlines()[0] + where) from None
         if cfg.backend.name == "cupy":
             from tissuesim.backend import cupy_status
 

@@ -71,6 +71,29 @@ class FieldConfig:
 
 
 @dataclass
+class CellTypeConfig:
+    """Motility of one cell type (MODEL.md section 3); rules of the biology join later.
+
+    speed_um_per_min : RMS crawling speed (0: sessile).
+    persistence_min : persistence time of the velocity (Ornstein-Uhlenbeck), minutes.
+    chemotaxis_field : field whose gradient the cells climb, or null.
+    chemotactic_sensitivity_um2_per_min : chi in v = chi K/(K+c)^2 grad c (per field unit).
+    receptor_kd : K, receptor saturation, in the field's units.
+    radius_um : cell radius for crowding (overlapping cells are pushed apart).
+    crowding_stiffness_per_min : overlap relaxation rate.
+    """
+
+    speed_um_per_min: float = 0.0
+    persistence_min: float = 3.0
+    chemotaxis_field: str | None = None
+    chemotactic_sensitivity_um2_per_min: float = 0.0
+    receptor_kd: float = 1.0
+    max_drift_fraction: float = 1.0
+    radius_um: float = 4.0
+    crowding_stiffness_per_min: float = 1.0
+
+
+@dataclass
 class OutputConfig:
     """What is written when. Intervals in simulated days."""
 
@@ -97,6 +120,7 @@ class Config:
     resume: str | None = None
     output: OutputConfig = field(default_factory=OutputConfig)
     fields: dict[str, FieldConfig] = field(default_factory=dict)
+    cells: dict[str, CellTypeConfig] = field(default_factory=dict)
 
 
 def register_configs() -> None:
@@ -136,6 +160,8 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 
 
 def _show(v: Any) -> str:
+    if v == "???":
+        return v
     if isinstance(v, str):
         return repr(v)
     if isinstance(v, float) and v.is_integer():
@@ -206,6 +232,9 @@ def validate(cfg: DictConfig | Config) -> None:
     if cfg.device is not None and cfg.device < 0:
         _fail("device", cfg.device, "must be a GPU index >= 0 (or null to let tissuesim choose)")
 
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        _fail(missing[0], "???", f"required, no default; set it on the command line ({missing[0]}=...)")
     _check_known_keys(cfg, "")
 
     g = cfg.grid
@@ -254,6 +283,26 @@ def validate(cfg: DictConfig | Config) -> None:
                     f"fields.{name}.solver=explicit needs {n} substeps but max_substeps={f.max_substeps}; "
                     f"allowed: dt_min <= {limit:.4g} min, or fields.{name}.solver=lod|auto",
                 )
+
+    for name, c in cfg.cells.items():
+        if c.chemotaxis_field is not None and c.chemotaxis_field not in cfg.fields:
+            _fail(
+                f"cells.{name}.chemotaxis_field",
+                c.chemotaxis_field,
+                f"allowed: null, {', '.join(cfg.fields)}",
+            )
+        if not c.persistence_min > 0:
+            _fail(f"cells.{name}.persistence_min", c.persistence_min, "must be > 0 minutes")
+        if not c.receptor_kd > 0:
+            _fail(f"cells.{name}.receptor_kd", c.receptor_kd, "must be > 0")
+        # A step may move a cell at most ~one voxel (the wall test looks one voxel ahead).
+        if c.speed_um_per_min * cfg.dt_min > g.dx_um:
+            _fail(
+                "dt_min",
+                cfg.dt_min,
+                f"cells.{name} at {c.speed_um_per_min} um/min would cross more than one {g.dx_um} um voxel per step; "
+                f"allowed: dt_min <= {g.dx_um / c.speed_um_per_min:.4g} min",
+            )
 
     t = cfg.therapy
     if t.crs_management not in CRS_MANAGEMENT:

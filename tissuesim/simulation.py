@@ -63,7 +63,9 @@ class Simulation:
         self.cfg = cfg
         self.backend = backend or select_backend(cfg.backend.name, cfg.device, job_num)
         self.xp = self.backend.xp
-        self.seed = int(cfg.seed)
+        # Unset seed: 0 for a single run, the job number in a sweep, so jobs differ unless the
+        # user fixes the seed (seed=0 for paired comparisons, seed=0,1,2 to sweep it).
+        self.seed = int(cfg.seed) if cfg.seed is not None else int(job_num or 0)
         self.dt_min = float(cfg.dt_min)
         self.duration_days = float(cfg.duration_days)
         self.n_steps = max(1, round(self.duration_days * days / self.dt_min))
@@ -132,15 +134,39 @@ class Simulation:
         self.c_blood = self.xp.asarray(c)
 
     def _build_cells(self) -> None:
-        from tissuesim.agents import Population
+        from tissuesim.agents import MotilityParams, Population
+        from tissuesim.agents.motility import init_velocity
 
-        self.cells = Population(self.backend, capacity=1024)
-        for tname, pos in self.tissue.initial_cells.items():
-            if len(pos):
-                self.cells.add(
-                    self.xp.asarray(pos, dtype=np.float32),
-                    self.xp.full(len(pos), self.cell_types.index(tname), dtype=np.uint8),
+        unknown = set(self.tissue.initial_cells) - set(self.cell_types)
+        if unknown:
+            raise ValueError(f"tissue places unknown cell types {sorted(unknown)}; known: {self.cell_types}")
+        self.motility = []
+        for t in self.cell_types:
+            c = self.cfg.cells.get(t)
+            if c is None:
+                self.motility.append(MotilityParams(speed_um_per_min=0.0))
+                continue
+            self.motility.append(
+                MotilityParams(
+                    speed_um_per_min=c.speed_um_per_min,
+                    persistence_min=c.persistence_min,
+                    chemotaxis_field=c.chemotaxis_field,
+                    chemotactic_sensitivity_um2_per_min=c.chemotactic_sensitivity_um2_per_min,
+                    receptor_kd=c.receptor_kd,
+                    max_drift_fraction=c.max_drift_fraction,
+                    crowding_radius_um=c.radius_um,
+                    crowding_stiffness_per_min=c.crowding_stiffness_per_min,
                 )
+            )
+        n0 = sum(len(p) for p in self.tissue.initial_cells.values())
+        self.cells = Population(self.backend, capacity=max(1024, 2 * n0))
+        for tname in self.cell_types:
+            pos = self.tissue.initial_cells.get(tname)
+            if pos is not None and len(pos):
+                self.cells.add(self.xp.asarray(pos, dtype=np.float32), self.cell_types.index(tname))
+        # Start every walk from its stationary velocity law, so MSD statistics hold from t = 0.
+        init_velocity(self.cells, self.motility, self.grid.ndim, self.seed)
+        self.open_mask = self.xp.asarray(self.tissue.open_mask())
 
     # ---------------------------------------------------------------------------------------
     # the clock
@@ -171,7 +197,16 @@ class Simulation:
     def _move_cells(self) -> None:
         from tissuesim.agents import move
 
-        move(self.cells, self.grid, self.tissue_open, self.dt_min, self.step_count, self.seed)
+        move(
+            self.cells,
+            self.grid,
+            self.open_mask,
+            self.dt_min,
+            self.step_count,
+            self.seed,
+            motility=self.motility,
+            fields=self.fields,
+        )
 
     # ---------------------------------------------------------------------------------------
     # outputs

@@ -38,6 +38,9 @@ BAD = [
     (["device=-1"], ["device=-1", ">= 0"]),
     (["therapy=cd19,bcma"], ["therapy=cd19,bcma", "-m"]),
     (["output.timeseries_every_days=0.0001"], ["output.timeseries_every_days", "one step"]),
+    (["cells.b_cell.chemotaxis_field=tnf"], ["cells.b_cell.chemotaxis_field='tnf'", "cxcl13"]),
+    (["dt_min=2"], ["dt_min=2.0", "cells.cd19_car_t", "more than one"]),
+    (["cells.macrophage.persistence_min=0"], ["cells.macrophage.persistence_min=0", "> 0"]),
 ]
 
 
@@ -89,6 +92,10 @@ def test_every_group_option_loads():
         for opt in opts:
             if group == "backend" and opt == "cupy":
                 continue  # loads, but preflight needs a GPU; composition is checked below
+            if group == "tissue" and opt == "from_labels":
+                with pytest.raises(ConfigError, match=r"^tissue\.(map|path)=\?\?\?: required"):
+                    load_config([f"{group}={opt}"])
+                continue
             cfg = load_config([f"{group}={opt}"])
             assert cfg[group].name == opt
     assert load_config(["backend=cupy"]).backend.name == "cupy"
