@@ -117,3 +117,27 @@ def test_report_over_a_four_job_sweep(tmp_path):
     assert stats["therapy=cd19"][0] == pytest.approx(0.55)
     assert stats["therapy=bcma"][0] == pytest.approx(1.55)
     assert stats["therapy=bcma"][1] == pytest.approx(0.05)
+
+
+def test_exporters_return_the_file_numbers(tmp_path):
+    import h5py
+
+    from tissuesim.analysis.export import cells_csv, cells_dataframe, fields_xarray
+
+    fake_run(tmp_path / "run", (2, 5, 4)).close()
+    with h5py.File(tmp_path / "run" / "snapshots.h5", "r") as f:
+        off = f["agents/offsets"][:]
+        pos = f["agents/position"][off[1] : off[2]]
+        types = f["agents/type"][off[1] : off[2]]
+        il6 = f["fields/il6"][2]
+    df = cells_dataframe(tmp_path / "run", 1)
+    np.testing.assert_array_equal(df[["x_um", "y_um", "z_um"]].to_numpy(), pos)
+    assert list(df["type"].astype(str)) == [TYPES[t] for t in types]
+    assert set(df.columns) >= {"time_days", "id", "state"} and (df["time_days"] == 1.0).all()
+    paths = cells_csv(tmp_path / "run", tmp_path / "csv")
+    assert len(paths) == 3 and paths[1].read_text().splitlines()[0].startswith("time_days,id,type,x_um")
+    ds = fields_xarray(tmp_path / "run")
+    assert ds["il6"].dims == ("time", "z", "y", "x")
+    np.testing.assert_array_equal(ds["il6"].sel(time=2.0).to_numpy(), il6)
+    np.testing.assert_allclose(ds["x"].to_numpy(), [5, 15, 25, 35])
+    assert ds["il6"].attrs["units"] == "pg/mL" and ds["x"].attrs["units"] == "um"
