@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -112,6 +113,7 @@ def run_to_directory(cfg: DictConfig, run_dir: str | Path, job_num: int | None =
     t0 = time.perf_counter()
     sim = Simulation(cfg, backend=backend, job_num=job_num)
     log.info("backend: %s", sim.backend.describe())
+    log.info("process %d on %s writing %s", os.getpid(), socket.gethostname(), run_dir)
     log.info(
         "tissue=%s therapy=%s grid=%s %s dx=%g um, dt=%g min, %d steps to day %g",
         cfg.tissue.name,

@@ -98,11 +98,17 @@ def _num(v) -> float:
     return x
 
 
+def swept_keys(keys: list[str], rows: list[dict]) -> list[str]:
+    """The override keys whose value differs between jobs (those the sweep varied)."""
+    return [k for k in keys if len({str(r.get(k)) for r in rows}) > 1]
+
+
 def group_stats(
     keys: list[str], rows: list[dict], readout: str
 ) -> dict[str, tuple[float, float, list[float]]]:
-    """{group label: (mean, std, values)} of ``readout`` over jobs grouped by the non-seed overrides."""
-    by = [k for k in keys if k != "seed"]
+    """{group label: (mean, std, values)} of ``readout`` over jobs grouped by the swept overrides
+    other than the seed (so each group's spread is the spread over seeds)."""
+    by = [k for k in swept_keys(keys, rows) if k != "seed"]
     groups: dict[str, list[float]] = defaultdict(list)
     for r in rows:
         label = " ".join(f"{k}={r.get(k, '')}" for k in by) or "all"
