@@ -200,8 +200,8 @@ def _task(cfg) -> dict:
     job_num = hc.job.num if hc.mode == RunMode.MULTIRUN else None
     try:
         validate(cfg)
-        return run_to_directory(cfg, run_dir, job_num=job_num)
-    except (ConfigError, BackendError, FileExistsError) as exc:
+        return run_to_directory(cfg, run_dir, job_num=job_num, overrides=list(hc.overrides.task))
+    except (ConfigError, BackendError, FileExistsError, LookupError) as exc:
         log.error("%s", exc)
         print(f"tissuesim: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)

@@ -21,6 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import h5py
 from omegaconf import DictConfig, OmegaConf
 
 from tissuesim.io.hdf5 import SnapshotWriter
@@ -99,18 +100,112 @@ def _progress_bar(sim: Simulation, enabled: bool):
     )
 
 
-def run_to_directory(cfg: DictConfig, run_dir: str | Path, job_num: int | None = None, backend=None) -> dict:
+# What may differ between a run and its resumption: how long, how it is written, where it runs.
+RESUMABLE_CHANGES = ("duration_days", "output", "backend", "device", "resume")
+
+
+def resumed_config(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[DictConfig, Path]:
+    """The configuration of the run at ``cfg.resume``, with the allowed changes of ``cfg`` applied.
+
+    overrides : the command-line overrides of this invocation (key=value); any key outside
+        RESUMABLE_CHANGES is an error, since a resumed run must be the same model.
+    Returns (config, path of the old snapshots.h5).
+    """
+    from tissuesim.biology.therapy import TherapyConfig
+    from tissuesim.config import BackendConfig, Config, ConfigError, GridConfig, validate
+    from tissuesim.io.hdf5 import open_run
+    from tissuesim.tissue.schema import TISSUE_SCHEMAS
+
+    old = Path(cfg.resume)
+    h5 = old / "snapshots.h5" if old.is_dir() else old
+    if not h5.is_file():
+        raise ConfigError(
+            f"resume={cfg.resume}: no snapshots.h5 there; allowed: a run directory of tissuesim"
+        )
+    changed = []
+    for ov in overrides or []:
+        key = ov.split("=", 1)[0].lstrip("+~").replace("/", ".")
+        if key.startswith("hydra"):
+            continue
+        if key.split(".")[0] not in RESUMABLE_CHANGES:
+            raise ConfigError(
+                f"{ov}: a resumed run continues the same model; allowed changes: {', '.join(RESUMABLE_CHANGES)}"
+            )
+        changed.append(key)
+    with open_run(h5) as r:
+        saved = OmegaConf.create(r.attrs["config"])
+    base = OmegaConf.structured(Config)
+    base.tissue = OmegaConf.structured(TISSUE_SCHEMAS[saved.tissue.name])
+    base.therapy = OmegaConf.structured(TherapyConfig)
+    base.grid = OmegaConf.structured(GridConfig)
+    base.backend = OmegaConf.structured(BackendConfig)
+    new = OmegaConf.merge(base, saved)
+    for key in changed:
+        OmegaConf.update(new, key, OmegaConf.select(cfg, key), merge=False)
+    new.resume = str(cfg.resume)
+    validate(new)
+    return new, h5
+
+
+def _resume(sim: Simulation, old_h5: Path, writer: SnapshotWriter) -> None:
+    """Restore the last checkpoint of old_h5 into sim and copy the outputs up to it into writer."""
+    from tissuesim.io import checkpoint
+    from tissuesim.io.hdf5 import open_run
+
+    with open_run(old_h5) as r:
+        day, arrays, meta = checkpoint.read(r.f)
+        checkpoint.restore(sim, arrays, meta)
+        eps = 1e-9
+        for k, t in enumerate(r.times):
+            if t <= day + eps:
+                a = r.agents(k)
+                writer.write_snapshot(float(t), r.fields(k), a)
+        ts = r.timeseries()
+        rows = []
+        for i, t in enumerate(ts["time"]):
+            if t <= day + eps:
+                row = {name: float(v[i]) for name, v in ts.items()}
+                writer.write_timeseries(float(t), row, flush=False)
+                rows.append(row)
+        sim._ts_rows = rows
+    for ev in sim.event_log:
+        writer.write_event(ev.day, ev.what, ev.detail)
+    writer.flush()
+    log.info("resumed %s from its checkpoint at day %.4f (step %d)", old_h5, day, sim.step_count)
+
+
+def run_to_directory(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    job_num: int | None = None,
+    backend=None,
+    overrides: list[str] | None = None,
+) -> dict:
     """Build the Simulation for ``cfg`` and run it, writing the run directory; returns the summary.
 
-    run_dir must not already hold a snapshots.h5 (runs are never overwritten).
+    run_dir must not already hold a snapshots.h5 (runs are never overwritten). With cfg.resume
+    set, the run at that path continues from its last checkpoint into run_dir: the configuration
+    is the old run's (``overrides`` may change only RESUMABLE_CHANGES, e.g. a longer duration),
+    and the snapshots and timeseries up to the checkpoint are copied, so run_dir holds the whole
+    run.
     """
     run_dir = Path(run_dir)
+    old_h5 = None
+    if cfg.resume:
+        cfg, old_h5 = resumed_config(cfg, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
     h5_path = run_dir / "snapshots.h5"
     if h5_path.exists():
         raise FileExistsError(f"{h5_path} exists: runs are never overwritten; choose a new hydra.run.dir")
 
     t0 = time.perf_counter()
+    if old_h5 is not None:
+        from tissuesim.io import checkpoint
+
+        with h5py.File(old_h5, "r", swmr=True) as f:
+            _, _, meta = checkpoint.read(f)
+        if cfg.seed is None:
+            cfg.seed = int(meta["seed"])  # a sweep job's seed came from its job number
     sim = Simulation(cfg, backend=backend, job_num=job_num)
     log.info("backend: %s", sim.backend.describe())
     log.info("process %d on %s writing %s", os.getpid(), socket.gethostname(), run_dir)
@@ -136,9 +231,12 @@ def run_to_directory(cfg: DictConfig, run_dir: str | Path, job_num: int | None =
         tissue_writer=sim.tissue.to_hdf5_group,
         compression=cfg.output.compression,
         compression_level=cfg.output.compression_level,
+        checkpoint_spec=sim.checkpoint_spec(),
         dx=sim.grid.dx,
         origin=sim.grid.origin,
     )
+    if old_h5 is not None:
+        _resume(sim, old_h5, writer)
     bar = _progress_bar(sim, cfg.output.progress)
     state = {"last_t": time.perf_counter(), "last_step": 0}
 

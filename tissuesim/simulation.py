@@ -296,6 +296,9 @@ class Simulation:
         out = self.cfg.output
         snap_every = _steps(out.snapshot_every_days, self.dt_min)
         ts_every = _steps(out.timeseries_every_days, self.dt_min)
+        # Checkpoints on schedule, and always at the end and on a stop, so any run can be resumed
+        # or extended (tissuesim resume=RUN_DIR).
+        ck_every = _steps(out.checkpoint_every_days, self.dt_min) if out.checkpoint_every_days > 0 else 0
         if self.step_count == 0:
             self.record_timeseries(writer)
             if writer is not None:
@@ -316,12 +319,27 @@ class Simulation:
                 wrote = True
             if wrote and on_output:
                 on_output(self)
-            if self.stop_signal is not None and not final:
+            stopping = self.stop_signal is not None and not final
+            if writer is not None and (final or stopping or (ck_every and s % ck_every == 0)):
+                self.write_checkpoint(writer)
+            if stopping:
                 status = "interrupted"
                 if not wrote:
                     self.record_timeseries(writer)
                 break
         return status
+
+    def write_checkpoint(self, writer) -> None:
+        """Append the full restartable state to the writer's file (a sync point)."""
+        from tissuesim.io import checkpoint
+
+        arrays, meta = checkpoint.capture(self)
+        writer.write_checkpoint(self.day, arrays, meta)
+
+    def checkpoint_spec(self) -> dict:
+        from tissuesim.io import checkpoint
+
+        return checkpoint.checkpoint_spec(self)
 
     def timeseries_table(self) -> dict[str, list[float]]:
         names = ["time", *self.timeseries_names()]

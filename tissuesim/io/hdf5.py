@@ -47,6 +47,8 @@ class SnapshotWriter:
     labels, label_names : optional tissue (uint8 (nz, ny, nx)) written to /tissue/labels, or a
         callable ``tissue_writer(group)`` that writes the /tissue group itself.
     compression : 'gzip' or None; level 0..9.
+    checkpoint_spec : shapes and dtypes of the restartable state (tissuesim.io.checkpoint), or
+        None for a file without checkpoints.
     xdmf, dx, origin : also keep snapshots.xdmf beside the file (ParaView/VisIt index) for a grid
         of voxel edge dx um with outer corner at origin (x0, y0, z0) um.
     """
@@ -64,6 +66,7 @@ class SnapshotWriter:
         compression: str | None = "gzip",
         compression_level: int = 1,
         xdmf: bool = True,
+        checkpoint_spec: dict | None = None,
         dx: float = 1.0,
         origin: Sequence[float] = (0.0, 0.0, 0.0),
     ) -> None:
@@ -117,6 +120,10 @@ class SnapshotWriter:
         eg.create_dataset("day", shape=(0,), maxshape=(None,), dtype="f8", chunks=(64,))
         eg.create_dataset("what", shape=(0,), maxshape=(None,), dtype=EVENT_TEXT, chunks=(64,))
         eg.create_dataset("detail", shape=(0,), maxshape=(None,), dtype=EVENT_TEXT, chunks=(64,))
+        if checkpoint_spec is not None:
+            from tissuesim.io import checkpoint
+
+            checkpoint.create_datasets(f, checkpoint_spec)
         f.swmr_mode = True
         f.flush()
         self.n_snapshots = 0
@@ -196,6 +203,12 @@ class SnapshotWriter:
         _append(eg["detail"], np.array([detail.encode()[:96]], dtype=EVENT_TEXT))
         _append(eg["day"], np.array([day], dtype=np.float64))
         self.f.flush()
+
+    def write_checkpoint(self, day: float, arrays: dict, meta: dict) -> None:
+        """Append one checkpoint (see tissuesim.io.checkpoint) and flush."""
+        from tissuesim.io import checkpoint
+
+        checkpoint.write(self.f, day, arrays, meta)
 
     def flush(self) -> None:
         self.f.flush()
