@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import tissuesim
-from tissuesim.analysis.report import collect, swept_keys
+from tissuesim.analysis.report import collect, swept_keys, write_report
 
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
@@ -34,7 +35,7 @@ def _jobs(sweep: Path) -> list[Path]:
     return sorted(p.parent for p in sweep.rglob("summary.json"))
 
 
-def test_joblib_sweep_runs_jobs_in_parallel_processes(tmp_path):
+def test_joblib_sweep_and_its_report(tmp_path):
     sweep = tmp_path / "sweep"
     p = subprocess.run(
         _cmd(
@@ -42,6 +43,7 @@ def test_joblib_sweep_runs_jobs_in_parallel_processes(tmp_path):
             "hydra.launcher.n_jobs=2",
             "duration_days=0.03",
             "therapy=cd19,none",
+            "tissue=muscle,lung",
             f"hydra.sweep.dir={sweep}",
         ),
         capture_output=True,
@@ -51,17 +53,29 @@ def test_joblib_sweep_runs_jobs_in_parallel_processes(tmp_path):
     )
     assert p.returncode == 0, p.stderr[-2000:]
     jobs = _jobs(sweep)
-    assert len(jobs) == 2
+    assert len(jobs) == 4
     pids = set()
     for j in jobs:
         s = json.loads((j / "summary.json").read_text())
         assert s["status"] == "completed"
         pids.add(re.search(r"process (\d+)", (j / "tissuesim.log").read_text()).group(1))
-    assert len(pids) == 2, "joblib ran both jobs in one process"
-    # distinct seeds by default (job number), overrides recorded per job
+    assert len(pids) >= 2, "joblib ran every job in one process"
     keys, rows = collect(sweep)
-    assert swept_keys(keys, rows) == ["therapy"] and sorted(r["therapy"] for r in rows) == ["cd19", "none"]
-    assert sorted(r["seed"] for r in rows) == [0, 1]
+    assert swept_keys(keys, rows) == ["therapy", "tissue"]
+    assert sorted(r["seed"] for r in rows) == [0, 1, 2, 3]  # distinct seeds unless set
+    res = write_report(sweep)
+    table = list(csv.DictReader(open(res["csv"])))
+    assert len(table) == 4
+    for row in table:  # each row's overrides match what that job ran
+        s = json.loads((sweep / row["job"] / "summary.json").read_text())
+        assert (row["therapy"], row["tissue"]) == (s["therapy"], s["tissue"])
+    assert sorted((r["therapy"], r["tissue"]) for r in table) == [
+        ("cd19", "lung"),
+        ("cd19", "muscle"),
+        ("none", "lung"),
+        ("none", "muscle"),
+    ]
+    assert Path(res["png"]).stat().st_size > 0
 
 
 def test_submitit_local_sweep_and_a_killed_job_leaves_the_others_intact(tmp_path):
