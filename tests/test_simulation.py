@@ -182,3 +182,34 @@ def test_signal_gives_final_snapshot_and_summary(tmp_path, sig):
     with h5py.File(h5, "r") as f:  # closed cleanly: opens without SWMR
         assert f["time"][-1] == pytest.approx(summary["duration_days"])
     assert len((run_dir / "timeseries.csv").read_text().splitlines()) >= 2
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path):
+    import pty
+    import select
+
+    args = [sys.executable, "-m", "tissuesim.cli", "grid=tiny", "backend=numpy", "duration_days=0.05"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "COLUMNS": "160"}
+    # not a terminal: no bar
+    p = _tissuesim("grid=tiny", "backend=numpy", "duration_days=0.05", f"hydra.run.dir={tmp_path / 'a'}")
+    assert p.returncode == 0 and "steps/s," not in p.stderr + p.stdout
+    # a terminal: the bar shows the simulated day, steps/s and cell counts
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*args, f"hydra.run.dir={tmp_path / 'b'}"], stderr=slave, stdout=slave, env=env)
+    os.close(slave)
+    out = b""
+    while True:
+        r, _, _ = select.select([master], [], [], 60)
+        if not r:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=60)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0
+    assert "steps/s," in text and "day 0.05/" in text and "macrophage=" in text, text[-500:]

@@ -91,12 +91,19 @@ def _progress_bar(sim: Simulation, enabled: bool):
         return None
     from tqdm import tqdm
 
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except OSError:
+        size = os.terminal_size((0, 0))
+    # A terminal that reports no size (some batch PTYs) would hide the bar: tqdm draws nothing at
+    # zero width and hides bars below a zero screen height.
+    width = {"dynamic_ncols": True} if size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 40}
     return tqdm(
         total=round(sim.duration_days, 6),
         unit="day",
         bar_format="{l_bar}{bar}| day {n:.2f}/{total:.0f} [{elapsed}<{remaining}{postfix}]",
         file=sys.stderr,
-        dynamic_ncols=True,
+        **width,
     )
 
 
