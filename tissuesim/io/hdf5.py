@@ -236,6 +236,10 @@ class RunReader:
         path = Path(path)
         if path.is_dir():
             path = path / "snapshots.h5"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no such file (expected a tissuesim run directory or its snapshots.h5)"
+            )
         self.path = path
         self.f = h5py.File(path, "r", libver="latest", swmr=True)
 
