@@ -1,0 +1,167 @@
+"""End-to-end step benchmark: steps per second of the whole Simulation, and where the time goes.
+
+For each case (a grid preset, or a synthetic cube with a set number of cells) the script builds
+the Simulation, warms up, then times ``sim.step()`` and, in the same run, each phase of the step
+(the Simulation methods listed in PHASES, each wrapped with a timer; on the GPU the wrapper
+synchronises the device so the time lands on the phase that spent it). Output: a table and
+JSON (bench/results/step_<cpu|gpu>.json) with steps/s, cost per voxel and per cell, the phase
+breakdown, and the machine.
+
+    python bench/step.py                          # CPU: tiny, small, 64^3 + 1e4 cells
+    python bench/step.py --cases 64:1e4 128:1e5   # synthetic cubes: side:cells
+    python bench/step.py --backend cupy           # GPU: small, 64^3+1e4 ... 256^3+1e6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+import tissuesim
+from tissuesim.backend import select_backend
+
+# Phases of Simulation.step, by method name (missing ones are skipped). The fields phase is the
+# FieldSet.step call; "rest" is what the step spends outside the listed phases.
+PHASES = ("_apply_events", "_step_blood", "_step_biology", "_move_cells", "_field_sources", "fields.step")
+CPU_CASES = ("tiny", "small", "64:1e4")
+GPU_CASES = ("small", "64:1e4", "128:1e5", "256:1e6")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build(case: str, backend: str):
+    """A Simulation for a grid preset name or 'side:cells' (3D cube of side voxels, muscle)."""
+    over = [f"backend={backend}", "output.progress=false", "duration_days=1000", "seed=0"]
+    if ":" in case:
+        side, cells = case.split(":")
+        side, cells = int(side), int(float(cells))
+        over += ["grid=medium", f"grid.nx={side}", f"grid.ny={side}", f"grid.nz={side}"]
+    else:
+        cells = None
+        over += [f"grid={case}"]
+    sim = tissuesim.Simulation(tissuesim.load_config(over))
+    if cells is not None and sim.cells.n < cells:
+        # top up with randomly placed cells of every type in open voxels
+        be = sim.backend
+        rs = np.random.default_rng(1)
+        open_idx = np.flatnonzero(sim.tissue.open_mask().reshape(-1))
+        m = cells - sim.cells.n
+        pick = open_idx[rs.integers(0, open_idx.size, m)]
+        k, j, i = np.unravel_index(pick, sim.grid.shape)
+        pos = ((np.stack([i, j, k], 1) + rs.random((m, 3))) * sim.grid.dx).astype(np.float32)
+        types = rs.integers(0, len(sim.cell_types), m).astype(np.uint8)
+        sim.cells.add(be.asarray(pos), be.asarray(types))
+    return sim
+
+
+def _wrap(sim, name, totals, sync):
+    obj, attr = (sim.fields, "step") if name == "fields.step" else (sim, name)
+    fn = getattr(obj, attr, None)
+    if fn is None:
+        return False
+
+    def timed(*a, **k):
+        sync()
+        t = time.perf_counter()
+        out = fn(*a, **k)
+        sync()
+        totals[name] += time.perf_counter() - t
+        return out
+
+    setattr(obj, attr, timed)
+    return True
+
+
+def run_case(case: str, backend: str, seconds: float) -> dict:
+    sim = build(case, backend)
+    be = sim.backend
+    for _ in range(3):
+        sim.step()
+    be.synchronize()
+    # whole steps, no phase timers (no extra syncs)
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        sim.step()
+        n += 1
+    be.synchronize()
+    per_step = (time.perf_counter() - t0) / n
+    # the same again with phase timers
+    totals = dict.fromkeys(PHASES, 0.0)
+    present = [p for p in PHASES if _wrap(sim, p, totals, be.synchronize)]
+    m = max(3, min(n, 200))
+    t0 = time.perf_counter()
+    for _ in range(m):
+        sim.step()
+    be.synchronize()
+    timed_step = (time.perf_counter() - t0) / m
+    phases = {p: totals[p] / m for p in present}
+    phases["rest"] = max(timed_step - sum(phases.values()), 0.0)
+    return {
+        "case": case,
+        "shape": list(sim.grid.shape),
+        "n_fields": len(sim.fields.names),
+        "n_cells": int(sim.cells.n),
+        "steps_timed": n,
+        "seconds_per_step": per_step,
+        "steps_per_second": 1.0 / per_step,
+        "ns_per_voxel_field": per_step / (sim.grid.n_voxels * len(sim.fields.names)) * 1e9,
+        "ns_per_cell": per_step / max(sim.cells.n, 1) * 1e9,
+        "phase_seconds_per_step": phases,
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
+    ap.add_argument("--cases", nargs="+", default=None, help="grid presets or side:cells")
+    ap.add_argument("--seconds", type=float, default=3.0, help="time spent per case (default 3)")
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    a = ap.parse_args(argv)
+    be = select_backend(a.backend)
+    cases = a.cases or (GPU_CASES if be.is_gpu else CPU_CASES)
+    results = []
+    print(f"# {be.describe()} | {_cpu_model()} | numpy {np.__version__}")
+    print(
+        f"{'case':>10} {'shape':>16} {'cells':>8} {'steps/s':>9} {'ns/vox-fld':>10} {'ns/cell':>8}  phases (ms)"
+    )
+    for case in cases:
+        r = run_case(case, a.backend, a.seconds)
+        results.append(r)
+        ph = " ".join(
+            f"{k.strip('_').split('.')[0]}={v * 1e3:.2f}" for k, v in r["phase_seconds_per_step"].items()
+        )
+        print(
+            f"{case:>10} {'x'.join(map(str, r['shape'])):>16} {r['n_cells']:>8} {r['steps_per_second']:>9.1f} "
+            f"{r['ns_per_voxel_field']:>10.2f} {r['ns_per_cell']:>8.0f}  {ph}"
+        )
+    info = {
+        "backend": be.name,
+        "device": be.describe(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "numpy_version": np.__version__,
+        "tissuesim_version": tissuesim.__version__,
+    }
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"step_{'gpu' if be.is_gpu else 'cpu'}.json"
+    path.write_text(json.dumps({"info": info, "results": results}, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
