@@ -137,6 +137,17 @@ def test_crowding_pushes_overlaps_apart_symmetrically(be):
     np.testing.assert_allclose(d[4], 0)
 
 
+def test_crowding_ignores_types_without_parameters(be):
+    """A type past the tables does not crowd (move flags it), and nothing reads past the tables."""
+    grid = Grid((1, 10, 10), dx=10.0)
+    pos = np.array([[50, 50, 5], [56, 50, 5], [53, 50, 5]], dtype=np.float32)
+    pop = Population(be)
+    pop.add(be.asarray(pos), be.asarray([0, 0, 9]))
+    cl = build_cell_list(pop, grid, 10.0)
+    d = be.asnumpy(crowd_displacement(pop, cl, np.array([5.0], np.float32), np.array([0.5], np.float32), 1.0))
+    np.testing.assert_allclose(d, [[-1, 0, 0], [1, 0, 0], [0, 0, 0]], atol=1e-6)
+
+
 def _claim_brute(pos, ids, pi, pj, n, src_ok, tgt_ok, rounds):
     """Plain-Python reference of the documented rule."""
     target_of = [-1] * n

@@ -351,8 +351,14 @@ def crowd_displacement(pop: Population, cl: CellList, radius_by_type, stiffness_
     float32 (ntypes,) 1/min. ``cl`` must have width >= 2 max(radius).
     """
     xp = pop.xp
-    radius = xp.asarray(radius_by_type, dtype=np.float32)
-    stiff = xp.asarray(stiffness_by_type, dtype=np.float32)
+    # Tables over all 256 uint8 types, zero past the given ones: a type without parameters (which
+    # move_cells flags as FLAG_BAD_TYPE) does not crowd, and no lookup reads past the tables.
+    radius = xp.zeros(256, dtype=np.float32)
+    stiff = xp.zeros(256, dtype=np.float32)
+    r_in = xp.asarray(radius_by_type, dtype=np.float32).reshape(-1)[:256]
+    k_in = xp.asarray(stiffness_by_type, dtype=np.float32).reshape(-1)[:256]
+    radius[: r_in.shape[0]] = r_in
+    stiff[: k_in.shape[0]] = k_in
     n = pop.n
     if pop.be.is_gpu:
         disp = xp.zeros((n, 3), dtype=np.float32)

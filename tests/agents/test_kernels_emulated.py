@@ -1,0 +1,521 @@
+"""kernels/agents.cu (+ philox.cuh) run on the host, every kernel against its NumPy twin.
+
+No GPU is needed: the kernel source is built with g++ together with tests/fields/
+cuda_host_shim.cpp (threadIdx/blockIdx, integer atomics, __float_as_uint, __umulhi, ...; see
+tests/agents/cuda_host_shim_agents.cpp) and driven by the real CuPy-path Python code
+(build_cell_list, contacts, crowd_displacement, claim_targets, move, _kernels.launch) through a
+fake "cupy" backend whose kernels are the emulated ones. The stand-in kernel
+
+- checks every launch argument against the C signature parsed from agents.cu (pointer dtypes and
+  C-contiguity, np.int32/np.uint32/np.int64/np.float32 scalars), the options and the launch shape;
+- hands each array over with guard bytes around it and checks them afterwards (out-of-bounds
+  writes), checks const arrays are left alone and no written __restrict__ array aliases another;
+- runs the threads of the real grid (BLOCK-sized blocks) one by one, forward, reversed or shuffled
+  (the ``dev`` fixture), so results that depend on thread order (atomics) show up.
+
+Integer and bitwise outputs must match exactly (Philox bits, bin keys, cell lists, pairs, claims,
+flags); float outputs to float32 tolerance (summation order and libm vs NumPy transcendentals).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tissuesim import backend as bk
+from tissuesim.agents import (
+    MotilityParams,
+    Population,
+    build_cell_list,
+    claim_targets,
+    contacts,
+    move,
+    rng,
+)
+from tissuesim.agents import _kernels as K
+from tissuesim.agents.neighbours import bin_keys_numpy, crowd_displacement
+from tissuesim.backend import NUMPY, Backend
+from tissuesim.grid import Grid
+
+KERNELS = {
+    "bin_keys",
+    "count_pairs",
+    "write_pairs",
+    "crowd_displacement",
+    "move_cells",
+    "claim_choose",
+    "claim_resolve",
+    "claim_commit",
+    "philox_fill",
+    "box_muller_fill",
+}
+
+_PTR = {
+    "float": np.float32,
+    "unsigned char": np.uint8,
+    "int": np.int32,
+    "unsigned int": np.uint32,
+    "i64": np.int64,
+    "long long": np.int64,
+    "unsigned long long": np.uint64,
+}
+_SCALAR = {
+    "int": np.int32,
+    "unsigned int": np.uint32,
+    "i64": np.int64,
+    "long long": np.int64,
+    "float": np.float32,
+}
+_CTYPE = {
+    np.int32: ctypes.c_int32,
+    np.uint32: ctypes.c_uint32,
+    np.int64: ctypes.c_int64,
+    np.float32: ctypes.c_float,
+}
+GUARD = 64  # poisoned bytes on each side of every array handed to a kernel
+# float guards read as 3.4e38 (an out-of-bounds read shows in the results), others as 0xA5A5...
+_POISON = {np.dtype(np.float32): 0x7F}
+
+
+def kernel_signatures() -> dict[str, list[tuple]]:
+    """Per extern "C" kernel of agents.cu: ("ptr", dtype, const) or ("val", scalar type, False)."""
+    src = bk.kernel_source(K.FILENAME)
+    sigs = {}
+    for name, params in re.findall(r'extern "C" __global__ void (\w+)\s*\(([^)]*)\)', src):
+        kinds = []
+        for p in params.split(","):
+            toks = p.replace("__restrict__", " ").replace("*", " * ").split()
+            base = " ".join(t for t in toks[:-1] if t not in ("const", "*"))
+            if "*" in toks:
+                kinds.append(("ptr", np.dtype(_PTR[base]), "const" in toks))
+            else:
+                kinds.append(("val", _SCALAR[base], False))
+        sigs[name] = kinds
+    return sigs
+
+
+def _thread_order(order: str, nthreads: int, seed: int) -> np.ndarray:
+    t = np.arange(nthreads)
+    if order == "reverse":
+        return t[::-1]
+    if order == "shuffle":
+        return np.random.default_rng(seed).permutation(nthreads)
+    return t
+
+
+class _EmulatedKernel:
+    """Stands in for a cupy.RawKernel of agents.cu: same call, strict checks, host run."""
+
+    def __init__(self, lib, name: str, sig: list[tuple], order: str, log: list):
+        self.lib, self.name, self.sig, self.order, self.log = lib, name, sig, order, log
+
+    def __call__(self, grid, block, args):
+        nm = self.name
+        assert isinstance(args, tuple), f"{nm}: arguments as {type(args)}"
+        assert len(args) == len(self.sig), f"{nm}: {len(args)} arguments, signature has {len(self.sig)}"
+        grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+        assert all(isinstance(g, int) and g >= 1 for g in grid + block), (grid, block)
+        assert grid[1:] == (1, 1) and block[1:] == (1, 1), f"{nm}: the kernels index in x only"
+        assert block[0] <= 1024 and grid[0] < 2**31
+        cargs, arrays = [], []
+        for k, ((kind, t, const), a) in enumerate(zip(self.sig, args)):
+            if kind == "ptr":
+                assert isinstance(a, np.ndarray), f"{nm} arg {k}: pointer argument is {type(a)}"
+                assert a.dtype == t, f"{nm} arg {k}: array of {a.dtype} where {t} expected"
+                assert a.flags.c_contiguous, f"{nm} arg {k}: non-contiguous array"
+                raw = a.reshape(-1).view(np.uint8)
+                poison = _POISON.get(a.dtype, 0xA5)
+                buf = np.full(raw.size + 2 * GUARD, poison, dtype=np.uint8)
+                buf[GUARD : GUARD + raw.size] = raw
+                arrays.append((k, a, raw, buf, poison, const, raw.copy() if const else None))
+                cargs.append(ctypes.c_void_p(buf.ctypes.data + GUARD))
+            else:
+                assert type(a) is t, f"{nm} arg {k}: scalar {a!r} ({type(a)}) where {t} expected"
+                cargs.append(_CTYPE[t](a))
+        # __restrict__ (and plain sanity): an array written by the kernel aliases no other argument
+        for x, (kx, ax, *_, cx, _bx) in enumerate(arrays):
+            for ky, ay, *_, cy, _by in arrays[x + 1 :]:
+                if not (cx and cy):
+                    assert not np.may_share_memory(ax, ay), f"{nm}: arguments {kx} and {ky} overlap"
+        fn = getattr(self.lib, nm)
+        nb, bs = grid[0], block[0]
+        for t in _thread_order(self.order, nb * bs, len(self.log)).tolist():
+            self.lib.emu_set_1d(nb, 1, bs, t // bs, 0, t % bs)
+            fn(*cargs)
+        for k, _a, raw, buf, poison, const, before in arrays:
+            assert (buf[:GUARD] == poison).all(), f"{nm}: write before the start of argument {k}"
+            assert (buf[GUARD + raw.size :] == poison).all(), f"{nm}: write past the end of argument {k}"
+            body = buf[GUARD : GUARD + raw.size]
+            if const:
+                assert np.array_equal(body, before), f"{nm}: const argument {k} was written"
+            else:
+                raw[...] = body
+        self.log.append((nm, args))
+
+
+@pytest.fixture(scope="module")
+def emu_lib(tmp_path_factory):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not found: no host emulation of the CUDA kernels")
+    out = tmp_path_factory.mktemp("emu_agents") / "libemu_agents.so"
+    here = Path(__file__).resolve().parent
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-ffp-contract=off",  # as NVRTC's --fmad=false: no fused multiply-adds
+        "-shared",
+        "-fPIC",
+        f"-I{bk.kernel_dir()}",
+        f"-I{here.parent / 'fields'}",  # the shared CUDA built-ins (cuda_host_shim.cpp)
+        str(here / "cuda_host_shim_agents.cpp"),
+        "-o",
+        str(out),
+        "-pthread",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lib = ctypes.CDLL(str(out))
+    lib.emu_set_1d.argtypes = [ctypes.c_uint] * 6
+    lib.emu_set_1d.restype = None
+    return lib
+
+
+@pytest.fixture(params=["forward", "reverse", "shuffle"])
+def dev(request, emu_lib, monkeypatch):
+    """A fake cupy backend whose agents kernels run emulated, threads in the given order."""
+    sigs = kernel_signatures()
+    xp = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    xp.asnumpy = np.asarray
+    fake = Backend("cupy", xp, 0)
+    log: list = []
+
+    def get_kernel(be, filename, name, options=(), name_expressions=None):
+        assert be is fake and filename == "agents.cu" and name_expressions is None
+        assert tuple(options) == ("--fmad=false",), options
+        return _EmulatedKernel(emu_lib, name, sigs[name], request.param, log)
+
+    monkeypatch.setattr(K, "get_kernel", get_kernel)
+    return types.SimpleNamespace(be=fake, xp=xp, log=log)
+
+
+def _launched(dev, name):
+    calls = [args for nm, args in dev.log if nm == name]
+    assert calls, f"{name} was not launched"
+    return calls
+
+
+def test_signatures_parsed():
+    sigs = kernel_signatures()
+    assert set(sigs) == KERNELS, "a kernel was added or removed: cover it here"
+    assert sigs["claim_choose"][2] == ("val", np.int64, False)
+    assert sigs["claim_choose"][-1] == ("ptr", np.dtype(np.uint64), False)
+    assert sigs["move_cells"][0] == ("ptr", np.dtype(np.float32), False)
+    assert sigs["move_cells"][19] == ("val", np.uint32, False)
+
+
+# --------------------------------------------------------------------------- populations
+
+GRIDS = [
+    Grid((1, 13, 17), dx=10.0, origin=(5.0, -20.0, 0.0)),
+    Grid((6, 7, 8), dx=10.0, origin=(0.0, 3.0, -7.0)),
+]
+GRID_IDS = ["2d", "3d"]
+
+
+def _positions(grid: Grid, n: int, rs) -> np.ndarray:
+    o, ext = np.array(grid.origin), np.array(grid.extent_um)
+    pos = (o + rs.random((n, 3)) * ext).astype(np.float32)
+    pos[: n // 20, 0] = grid.origin[0]  # on faces
+    pos[n // 20 : n // 10, 1] = grid.origin[1] + grid.extent_um[1]
+    pos[n // 10 : n // 10 + 5, 2] = grid.origin[2] - 3.0  # outside: clipped bins and voxels
+    if grid.nz == 1:
+        pos[:, 2] = grid.origin[2] + 5.0
+    # the last 4 m cells: m cells on a 1/4 um lattice, a copy of each (coincident: the crowding
+    # split rule), and one 2 um either side along x (exact distance ties for the claims)
+    m = n // 50
+    a0 = pos[n - 4 * m : n - 3 * m]
+    a0[:, :2] = np.clip(np.round(a0[:, :2] * 4) / 4, np.array(grid.origin[:2]) + 2, None)
+    pos[n - 3 * m : n - 2 * m] = a0
+    pos[n - 2 * m : n - m] = a0 + np.float32([2, 0, 0])
+    pos[n - m :] = a0 - np.float32([2, 0, 0])
+    return pos
+
+
+def _pops(dev, grid: Grid, n: int, seed: int, types_=(0, 1, 2)):
+    rs = np.random.default_rng(seed)
+    pos = _positions(grid, n, rs)
+    typ = rs.choice(np.asarray(types_, dtype=np.uint8), n)
+    vel = rs.normal(0, 3, (n, 3)).astype(np.float32)
+    if grid.nz == 1:
+        vel[:, 2] = 0
+    out = []
+    for be in (NUMPY, dev.be):
+        p = Population(be, capacity=max(16, n // 3))  # grown by add: capacity > n, as in runs
+        p.add(pos.copy(), typ.copy(), velocity=vel.copy())
+        out.append(p)
+    return out
+
+
+# --------------------------------------------------------------------------- neighbours
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+def test_bin_keys_and_cell_list(dev, grid):
+    a, b = _pops(dev, grid, 700, 1)
+    ca, cb = build_cell_list(a, grid, 12.0), build_cell_list(b, grid, 12.0)
+    (args,) = _launched(dev, "bin_keys")
+    key = args[-1]
+    np.testing.assert_array_equal(key, bin_keys_numpy(a.position, a.n, grid.origin, 12.0, ca.nb))
+    assert ca.nb == cb.nb
+    for name in ("order", "bin_start", "bin_end"):
+        np.testing.assert_array_equal(getattr(ca, name), getattr(cb, name), err_msg=name)
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+@pytest.mark.parametrize("src,tgt", [([0, 1], [1, 2]), (None, None), ([2], [2])], ids=["some", "all", "one"])
+def test_contacts_exact(dev, grid, src, tgt):
+    a, b = _pops(dev, grid, 600, 2, types_=(0, 1, 2, 40))  # type 40: outside every 32-bit mask
+    pa = contacts(a, 12.0, src, tgt, grid=grid)
+    pb = contacts(b, 12.0, src, tgt, grid=grid)
+    assert pa.n == pb.n and int(pa.n_device) == int(pb.n_device)
+    assert pa.n > 30
+    assert not (a.type[pa.i] == 40).any() and not (a.type[pa.j] == 40).any()
+    np.testing.assert_array_equal(pa.i, pb.i)  # same pairs in the same order
+    np.testing.assert_array_equal(pa.j, pb.j)
+    assert set(zip(pa.i.tolist(), pa.j.tolist())) == set(zip(pb.i.tolist(), pb.j.tolist()))
+    (cargs,) = _launched(dev, "count_pairs")
+    np.testing.assert_array_equal(cargs[-1], np.bincount(pa.i, minlength=a.n))
+    _launched(dev, "write_pairs")
+    assert a.check_flags() == b.check_flags() == 0
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+@pytest.mark.parametrize("capacity", [100000, 300])
+def test_contacts_buffered(dev, grid, capacity):
+    a, b = _pops(dev, grid, 600, 3)
+    a.pair_capacity = b.pair_capacity = capacity
+    pa = contacts(a, 12.0, [0, 1], [1, 2], grid=grid, exact=False)
+    pb = contacts(b, 12.0, [0, 1], [1, 2], grid=grid, exact=False)
+    assert pa.i.shape == pb.i.shape == (capacity,)
+    np.testing.assert_array_equal(pa.i, pb.i)
+    np.testing.assert_array_equal(pa.j, pb.j)
+    assert int(pa.n_device) == int(pb.n_device)
+    fa, fb = a.check_flags(), b.check_flags()
+    assert fa == fb == (K.FLAG_PAIR_OVERFLOW if int(pa.n_device) > capacity else 0)
+    assert (capacity < int(pa.n_device)) == (capacity == 300)
+    assert a.pair_capacity == b.pair_capacity
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+def test_crowd_displacement(dev, grid):
+    a, b = _pops(dev, grid, 700, 4)
+    r = np.array([5.0, 4.0, 0.0], np.float32)
+    k = np.array([1.0, 0.3, 0.0], np.float32)
+    da = crowd_displacement(a, build_cell_list(a, grid, 10.0), r, k, 0.7)
+    db = crowd_displacement(b, build_cell_list(b, grid, 10.0), r, k, 0.7)
+    _launched(dev, "crowd_displacement")
+    assert db.dtype == np.float32 and db.shape == (a.n, 3)
+    # float32 sums of a few terms in another order (the twin adds in float64): a few ulp
+    scale = float(np.abs(da).max())
+    assert scale > 1.0
+    np.testing.assert_allclose(db, da, rtol=1e-5, atol=1e-6 * scale)
+    # coincident cells were split along x, lower id to -x: same signs as the twin
+    assert np.array_equal(np.sign(da[:, 0]), np.sign(db[:, 0]))
+    # cells of radius 0 neither push nor are pushed
+    assert not db[a.type[: a.n] == 2].any()
+
+
+# --------------------------------------------------------------------------- claims
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+@pytest.mark.parametrize("rounds", [1, 3])
+@pytest.mark.parametrize("exact", [True, False])
+def test_claims(dev, grid, rounds, exact):
+    a, b = _pops(dev, grid, 700, 5)
+    rs = np.random.default_rng(6)
+    src_ok = rs.random(a.n) < 0.8
+    tgt_ok = rs.random(a.n) < 0.9
+    out = []
+    for p in (a, b):
+        p.pair_capacity = 12 * p.n  # exact=False: buffers padded with -1
+        pairs = contacts(p, 15.0, [0], [1, 2], grid=grid, exact=exact)
+        if exact:
+            assert pairs.n > 50
+        else:
+            assert (pairs.i == -1).any()
+        out.append(claim_targets(p, pairs, src_ok.copy(), tgt_ok.copy(), rounds=rounds))
+    for name in ("claim_choose", "claim_resolve", "claim_commit"):
+        assert len(_launched(dev, name)) == rounds
+    (ta, ka), (tb, kb) = out
+    np.testing.assert_array_equal(ta, tb)
+    np.testing.assert_array_equal(ka, kb)
+    won = np.flatnonzero(ta >= 0)
+    assert won.size > 20
+    np.testing.assert_array_equal(ka[ta[won]], won)  # a one-to-one matching
+
+
+def test_claim_ties_go_to_lowest_index_and_id(dev):
+    """Equal distances: a source takes its lowest-index target, a target its lowest-id source."""
+    grid = Grid((1, 4, 4), dx=10.0)
+    # sources 0, 1 at +-2 um of target 2 (same r^2); source 0 also 2 um from target 3
+    pos = np.array([[18, 20, 5], [22, 20, 5], [20, 20, 5], [16, 20, 5], [30, 30, 5]], np.float32)
+    typ = np.array([0, 0, 1, 1, 1], np.uint8)
+    res = []
+    for be in (NUMPY, dev.be):
+        p = Population(be, capacity=8)
+        p.add(pos, typ)
+        res.append(claim_targets(p, contacts(p, 5.0, [0], [1], grid=grid), rounds=2))
+    np.testing.assert_array_equal(res[0][0], res[1][0])
+    np.testing.assert_array_equal(res[0][1], res[1][1])
+    np.testing.assert_array_equal(res[1][0], [2, -1, -1, -1, -1])  # 1 lost target 2 in round 1
+    best = _launched(dev, "claim_choose")[0][-1]  # round 1
+    key2 = (np.uint64(np.float32(4.0).view(np.uint32)) << np.uint64(32)) | np.uint64(2)
+    assert best[0] == key2 and best[1] == key2
+
+
+# --------------------------------------------------------------------------- motility
+
+
+def _move_both(dev, grid, a, b, params, dt, step, seed, open_, fields):
+    outs = []
+    for p, be in ((a, NUMPY), (b, dev.be)):
+        move(p, grid, be.asarray(open_), dt, step, seed, params, fields=fields)
+        outs.append(p.host_arrays() | {"flags": p.check_flags()})
+    return outs
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+def test_move_cells(dev, grid):
+    a, b = _pops(dev, grid, 700, 7)
+    start = a.position[: a.n].copy()
+    rs = np.random.default_rng(8)
+    open_ = rs.random(grid.shape) > 0.2
+    params = [
+        MotilityParams(6.0, 3.0, "cxcl13", 300.0, 0.5, crowding_radius_um=4.0),
+        MotilityParams(3.0, 1.0, "cxcl10", 100.0, 2.0, 0.5),
+        MotilityParams(0.0, 1.0),
+    ]
+    fields = {nm: rs.random(grid.shape).astype(np.float32) for nm in ("cxcl13", "cxcl10")}
+    fields["cxcl10"] *= 50.0  # steep: the drift cap applies
+    na, nb = _move_both(dev, grid, a, b, params, 0.7, 12, 99, open_, fields)
+    for name in ("crowd_displacement", "move_cells"):
+        _launched(dev, name)
+    assert na["flags"] == nb["flags"] and na["flags"] & K.FLAG_IN_CLOSED_VOXEL
+    # same float32 arithmetic; only libm's logf/sinf/cosf may differ from NumPy's by an ulp
+    np.testing.assert_allclose(nb["position"], na["position"], rtol=2e-6, atol=2e-4)
+    np.testing.assert_allclose(nb["velocity"], na["velocity"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(na["age"], nb["age"])
+    assert (np.abs(nb["position"] - start).max(axis=1) > 0).mean() > 0.5
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+def test_move_cells_flags_walls_and_caps(dev, grid):
+    """Bad types, capped displacements, many walls: same flags and the same outcome."""
+    a, b = _pops(dev, grid, 500, 9, types_=(0, 1, 3))  # type 3: no motility parameters
+    open_ = np.random.default_rng(10).random(grid.shape) > 0.5
+    params = [MotilityParams(2000.0, 5.0), MotilityParams(4.0, 2.0, "f", 50.0, 1.0)]
+    fields = {"f": np.random.default_rng(11).random(grid.shape).astype(np.float32)}
+    na, nb = _move_both(dev, grid, a, b, params, 2.0, 3, -5, open_, fields)
+    want = K.FLAG_BAD_TYPE | K.FLAG_DISPLACEMENT_CAPPED | K.FLAG_IN_CLOSED_VOXEL
+    assert na["flags"] == nb["flags"] == want
+    bad = na["type"] == 3
+    np.testing.assert_array_equal(nb["position"][bad], a.position[: a.n][bad])  # bad types stay put
+    np.testing.assert_allclose(nb["position"], na["position"], rtol=2e-6, atol=2e-4)
+    np.testing.assert_allclose(nb["velocity"], na["velocity"], rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+def test_move_bad_type_with_crowding(dev, grid):
+    """A type without parameters among crowding cells: flagged, never read past the type tables."""
+    a, b = _pops(dev, grid, 400, 12, types_=(0, 1, 7))
+    params = [
+        MotilityParams(3.0, 2.0, crowding_radius_um=5.0),
+        MotilityParams(2.0, 1.0, crowding_radius_um=3.0),
+    ]
+    na, nb = _move_both(dev, grid, a, b, params, 0.5, 4, 8, np.ones(grid.shape, bool), None)
+    assert na["flags"] == nb["flags"] == K.FLAG_BAD_TYPE
+    np.testing.assert_allclose(nb["position"], na["position"], rtol=2e-6, atol=2e-4)
+    np.testing.assert_allclose(nb["velocity"], na["velocity"], rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- random numbers
+
+KAT = [  # Random123 known answers of Philox4x32-10 reachable through the counter layout
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+def _philox_fill(dev, ids, step, purpose, draw, k0, k1):
+    xp = dev.xp
+    out = xp.zeros((ids.size, 4), dtype=np.uint32)
+    K.launch(
+        dev.be,
+        "philox_fill",
+        ids.size,
+        (
+            xp.asarray(ids),
+            np.int32(ids.size),
+            np.uint32(step),
+            np.uint32(purpose),
+            np.uint32(draw),
+            np.uint32(k0),
+            np.uint32(k1),
+            out,
+        ),
+    )
+    return out
+
+
+@pytest.mark.parametrize("ctr,key,expected", KAT)
+def test_philox_fill_known_answers(dev, ctr, key, expected):
+    cid = np.array([(ctr[1] << 32) | ctr[0]], dtype=np.uint64).view(np.int64)
+    out = _philox_fill(dev, cid, ctr[2], ctr[3] >> 16, ctr[3] & 0xFFFF, *key)
+    np.testing.assert_array_equal(out[0], np.array(expected, dtype=np.uint32))
+
+
+def test_philox_fill_bits_match_twin(dev):
+    ids = np.concatenate([np.arange(1500), [2**33 + 5, 2**62, -1, -(2**63)]]).astype(np.int64)
+    for seed, step, purpose, draw in [
+        (0xDEADBEEF12345, 77, 3, 1),
+        (-3, 2**32 - 1, 0xFFFF, 0xFFFF),
+        (0, 0, 1, 0),
+    ]:
+        k0, k1 = rng.seed_key(seed)
+        out = _philox_fill(dev, ids, step, purpose, draw, k0, k1)
+        np.testing.assert_array_equal(out, np.stack(rng.draw(ids, step, purpose, draw, seed), axis=1))
+
+
+def test_box_muller_fill_matches_twin(dev):
+    xp = dev.xp
+    r = rng.draw(np.arange(3000, dtype=np.int64), 5, 1, 0, 42)
+    a = np.concatenate([r[0], np.array([0, 1, 511, 512, 0xFFFFFFFF, 0x80000000], np.uint32)])
+    b = np.concatenate([r[1], np.array([0xFFFFFFFF, 0, 0x40000000, 0x7FFFFFFF, 0, 0xC0000000], np.uint32)])
+    n = a.size
+    z0, z1 = xp.zeros(n, dtype=np.float32), xp.zeros(n, dtype=np.float32)
+    K.launch(dev.be, "box_muller_fill", n, (xp.asarray(a), xp.asarray(b), np.int32(n), z0, z1))
+    e0, e1 = rng.box_muller(a, b)
+    # libm vs NumPy logf/cosf/sinf: an ulp or two of the factors, relative to r = |z|
+    tol = 1e-6 * (1 + np.hypot(e0, e1))
+    assert (np.abs(z0 - e0) <= tol).all() and (np.abs(z1 - e1) <= tol).all()
+    assert np.abs(z0).max() > 4 and np.isfinite(z0).all() and np.isfinite(z1).all()
+
+
+def test_launch_skips_empty(dev):
+    K.launch(dev.be, "philox_fill", 0, ())  # n == 0: no kernel is even looked up
+    assert dev.log == []
