@@ -165,8 +165,10 @@ def select_backend(name: str = "auto", device: int | None = None, job_num: int |
     elif not 0 <= device < n:
         raise BackendError(f"device={device}: allowed are 0..{n - 1} ({n} CUDA device(s) here)")
     be = Backend("cupy", cupy, int(device))
-    with be.use():
-        cupy.zeros(1).sum().item()  # make sure the device really answers
+    # Make it the current device of this thread: every array and kernel launch that follows
+    # (CuPy allocates on the current device) lands on the GPU that was chosen.
+    cupy.cuda.Device(be.device).use()
+    cupy.zeros(1).sum().item()  # make sure the device really answers
     return be
 
 
@@ -222,6 +224,28 @@ def compile_cubin(filename: str, arch: str, options: tuple[str, ...] = (), name_
         return nvrtc.getCUBIN(prog)
     finally:
         nvrtc.destroyProgram(prog)
+
+
+_CONSTANTS: dict = {}
+
+
+def device_constant(be: Backend, host: np.ndarray):
+    """A small host table (per-type parameters, ...) as an array of ``be``, made once per content.
+
+    On the GPU the copy happens the first time only: copying from pageable host memory inside a
+    step would make the host wait for the device. Tables are keyed by their bytes, so callers may
+    rebuild them every step on the host for free. On numpy the host array itself is returned.
+    """
+    if not be.is_gpu:
+        return host
+    host = np.ascontiguousarray(host)
+    key = (be.device, host.dtype.str, host.shape, host.tobytes())
+    arr = _CONSTANTS.get(key)
+    if arr is None:
+        if len(_CONSTANTS) >= 512:
+            _CONSTANTS.clear()
+        arr = _CONSTANTS[key] = be.xp.asarray(host)
+    return arr
 
 
 def env_flag(name: str) -> bool:

@@ -54,6 +54,7 @@ from tissuesim.agents import _kernels as K
 from tissuesim.agents import rng
 from tissuesim.agents.neighbours import build_cell_list, crowd_displacement
 from tissuesim.agents.population import Population
+from tissuesim.backend import device_constant
 from tissuesim.grid import Grid
 
 NTP = 9  # per-type parameters in the kernel table (agents.cu)
@@ -368,8 +369,8 @@ def move(
                 pop.id,
                 crowd,
                 vals,
-                xp.asarray(tfield_h),
-                xp.asarray(tp_h),
+                device_constant(pop.be, tfield_h),
+                device_constant(pop.be, tp_h),
                 np.int32(len(params)),
                 open_,
                 np.int32(nx),

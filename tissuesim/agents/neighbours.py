@@ -21,6 +21,7 @@ import numpy as np
 
 from tissuesim.agents import _kernels as K
 from tissuesim.agents.population import Population
+from tissuesim.backend import device_constant
 from tissuesim.grid import Grid
 
 _U64MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -353,12 +354,15 @@ def crowd_displacement(pop: Population, cl: CellList, radius_by_type, stiffness_
     xp = pop.xp
     # Tables over all 256 uint8 types, zero past the given ones: a type without parameters (which
     # move_cells flags as FLAG_BAD_TYPE) does not crowd, and no lookup reads past the tables.
-    radius = xp.zeros(256, dtype=np.float32)
-    stiff = xp.zeros(256, dtype=np.float32)
-    r_in = xp.asarray(radius_by_type, dtype=np.float32).reshape(-1)[:256]
-    k_in = xp.asarray(stiffness_by_type, dtype=np.float32).reshape(-1)[:256]
+    # Built on the host and put on the device once per content (device_constant): no copy and
+    # no host wait inside the step.
+    radius = np.zeros(256, dtype=np.float32)
+    stiff = np.zeros(256, dtype=np.float32)
+    r_in = np.asarray(pop.be.asnumpy(radius_by_type), dtype=np.float32).reshape(-1)[:256]
+    k_in = np.asarray(pop.be.asnumpy(stiffness_by_type), dtype=np.float32).reshape(-1)[:256]
     radius[: r_in.shape[0]] = r_in
     stiff[: k_in.shape[0]] = k_in
+    radius, stiff = device_constant(pop.be, radius), device_constant(pop.be, stiff)
     n = pop.n
     if pop.be.is_gpu:
         disp = xp.zeros((n, 3), dtype=np.float32)
