@@ -5,6 +5,10 @@ Reports agent-steps per second against the number of cells N at fixed density (o
 GPU times come from CUDA events around the timed steps.
 
     python bench/agents.py --backend numpy --sizes 1e3,1e4,1e5,1e6
+
+It also times move() alone for a small 2D population (the default simulation's case: ~500 cells,
+128 x 128 voxels, 8 cell types, 6 fields), where the fixed cost per call dominates
+(``--small-cells 0`` skips it).
     python bench/agents.py --backend cupy  --sizes 1e3,1e4,1e5,1e6,1e7
 """
 
@@ -50,7 +54,9 @@ def setup(be, n: int, seed: int = 0):
     x = grid.centres("x")
     f = np.broadcast_to(x / x.max(), grid.shape).astype(np.float32)
     # a FieldSet-like stack (nf, nz, ny, nx), as the simulation passes it: no copy per step
-    fields = SimpleNamespace(values=be.asarray(np.stack([f, f[:, :, ::-1]])), names=["cxcl10", "cxcl13"])
+    # (C-contiguous: np.stack of these broadcast-derived arrays is not, and move would copy it)
+    stack = np.ascontiguousarray(np.stack([f, f[:, :, ::-1]]))
+    fields = SimpleNamespace(values=be.asarray(stack), names=["cxcl10", "cxcl13"])
     return grid, pop, be.asarray(open_), fields
 
 
@@ -58,6 +64,54 @@ def one_step(pop, grid, open_, fields, s, exact):
     cl = build_cell_list(pop, grid, 10.0)
     contacts(pop, 10.0, [0], [1], cell_list=cl, exact=exact)
     move(pop, grid, open_, 1.0, s, 7, PARAMS, fields=fields, cell_list=cl)
+
+
+SMALL_PARAMS = [  # as conf/config.yaml's cell types: crowding everywhere, chemotaxis for some
+    MotilityParams(5.0, 2.0, "cxcl13", 800.0, 1.0, crowding_radius_um=3.5),
+    MotilityParams(1.0, 2.0, crowding_radius_um=4.0),
+    MotilityParams(0.0, 3.0, crowding_radius_um=5.0),
+    MotilityParams(7.0, 3.0, "cxcl10", 800.0, 1.0, crowding_radius_um=3.5),
+    MotilityParams(7.0, 3.0, "cxcl10", 800.0, 1.0, crowding_radius_um=3.5),
+    MotilityParams(7.0, 3.0, "cxcl10", 800.0, 1.0, crowding_radius_um=3.5),
+    MotilityParams(3.0, 5.0, crowding_radius_um=6.0),
+    MotilityParams(0.0, 3.0),
+]
+
+
+def setup_small(be, n: int = 500, seed: int = 0):
+    """n cells on a 128 x 128 2D grid (dx 10 um, 5% closed), 8 types, 6 fields."""
+    grid = Grid((1, 128, 128), dx=10.0)
+    rs = np.random.default_rng(seed)
+    open_ = rs.random(grid.shape) > 0.05
+    cand = np.flatnonzero(open_.reshape(-1))
+    pick = cand[rs.integers(0, cand.size, n)]
+    _, j, i = np.unravel_index(pick, grid.shape)
+    pos = np.zeros((n, 3), dtype=np.float32)
+    pos[:, :2] = (np.stack([i, j], 1) + rs.random((n, 2))) * grid.dx
+    pos[:, 2] = 0.5 * grid.dx
+    pop = Population(be, capacity=1024)
+    pop.add(be.asarray(pos), be.asarray(rs.integers(0, len(SMALL_PARAMS), n).astype(np.uint8)))
+    init_velocity(pop, SMALL_PARAMS, 2, seed)
+    names = ["cxcl13", "cxcl10", "ifng", "il6", "autoantibody", "damage"]
+    vals = be.asarray(rs.random((len(names), *grid.shape)).astype(np.float32))
+    return grid, pop, be.asarray(open_), SimpleNamespace(values=vals, names=names)
+
+
+def time_small(be, n: int, min_time: float = 1.0) -> dict:
+    """Seconds per move() call (cell list and crowding inside, as the simulation calls it)."""
+    grid, pop, open_, fields = setup_small(be, n)
+    for s in range(3):
+        move(pop, grid, open_, 1.0, s, 7, SMALL_PARAMS, fields=fields)
+    pop.check_flags()
+    be.synchronize()
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_time:
+        for _ in range(50):
+            move(pop, grid, open_, 1.0, 3 + steps, 7, SMALL_PARAMS, fields=fields)
+            steps += 1
+        be.synchronize()
+    t = (time.perf_counter() - t0) / steps
+    return {"n": n, "grid": list(grid.shape), "steps": steps, "seconds_per_move": t}
 
 
 def time_size(be, n: int, min_time: float = 1.0) -> dict:
@@ -138,6 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default=None, help="comma list of N (default 1e3..1e6, 1e7 on GPU)")
     ap.add_argument("--out", default="bench/results", help="folder for the JSON figures")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed steps per size")
+    ap.add_argument(
+        "--small-cells", type=int, default=500, help="cells of the small 2D move() case (0: skip)"
+    )
     args = ap.parse_args(argv)
     be = select_backend(args.backend)
     if args.sizes:
@@ -168,6 +225,13 @@ def main(argv=None) -> int:
                 np.polyfit(np.log([r["n"] for r in big]), np.log([r["seconds_per_step"] for r in big]), 1)[0]
             )
             print(f"log-log slope of time vs N: {s2:.3f} (N >= 1e4)")
+    small = None
+    if args.small_cells > 0:
+        small = time_small(be, args.small_cells, args.min_time)
+        print(
+            f"small 2D case: {small['n']} cells on {small['grid'][1]} x {small['grid'][2]} voxels: "
+            f"{1e3 * small['seconds_per_move']:.3f} ms per move()"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"agents_{'gpu' if be.is_gpu else 'cpu'}.json"
@@ -179,6 +243,7 @@ def main(argv=None) -> int:
                 "machine": machine(be),
                 "results": rows,
                 "loglog_slope": slope,
+                "small_2d_move": small,
             },
             indent=2,
         )

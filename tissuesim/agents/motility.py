@@ -128,6 +128,34 @@ def type_table(params: Sequence[MotilityParams], field_names: Sequence[str], dt:
     return tp.astype(np.float32), tfield
 
 
+_TABLES: dict = {}
+
+
+def _tables(params: Sequence[MotilityParams], names: Sequence[str], dt: float, ndim: int):
+    """(tp, tfield, radius, stiffness) of type_table and the crowding columns, cached by content.
+
+    The cached arrays are read-only (shared between steps and populations).
+    """
+    key = (tuple(params), tuple(names), float(dt), int(ndim))
+    try:
+        hit = _TABLES.get(key)
+    except TypeError:  # unhashable parameters: no cache
+        key, hit = None, None
+    if hit is not None:
+        return hit
+    tp, tfield = type_table(params, names, dt, ndim)
+    radius = np.array([p.crowding_radius_um for p in params], dtype=np.float32)
+    stiff = np.array([p.crowding_stiffness_per_min for p in params], dtype=np.float32)
+    for a in (tp, tfield, radius, stiff):
+        a.flags.writeable = False
+    hit = (tp, tfield, radius, stiff)
+    if key is not None:
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        _TABLES[key] = hit
+    return hit
+
+
 def _stack_fields(xp, fields, grid: Grid):
     """(values float32 (nf, nz, ny, nx), names) from a FieldSet-like, a mapping, or None."""
     if fields is None:
@@ -141,13 +169,36 @@ def _stack_fields(xp, fields, grid: Grid):
     return xp.ascontiguousarray(xp.asarray(fields.values, dtype=np.float32)), list(fields.names)
 
 
+_ONES: dict = {}
+
+
 def _open_u8(xp, open_mask, grid: Grid):
     if open_mask is None:
-        return xp.ones(grid.shape, dtype=np.uint8)
+        if xp is not np:
+            return xp.ones(grid.shape, dtype=np.uint8)
+        ones = _ONES.get(grid.shape)
+        if ones is None:
+            ones = _ONES[grid.shape] = np.ones(grid.shape, dtype=np.uint8)
+            ones.flags.writeable = False
+        return ones
     m = xp.asarray(open_mask)
     if tuple(m.shape) != tuple(grid.shape):
         raise ValueError(f"open_mask shape {tuple(m.shape)} != grid shape {grid.shape}")
+    if xp is np and m.dtype in (np.bool_, np.uint8) and m.flags.c_contiguous:
+        return m.view(np.uint8)  # the twin reads it as != 0: no copy needed
     return xp.ascontiguousarray(m != 0).view(np.uint8)
+
+
+def _voxel_axis(q, o, dx, nmax):
+    """Voxel index along one axis of float32 coordinates q (as Grid.voxel_index): int64, clipped."""
+    if nmax == 0:  # clipped to [0, 0] whatever the position (NaN included)
+        return np.zeros(q.shape[0], dtype=np.int64)
+    c = q - o
+    c /= dx
+    np.floor(c, out=c)
+    c = c.astype(np.int64)
+    np.maximum(c, 0, out=c)  # = np.clip(c, 0, nmax), without its Python-level overhead
+    return np.minimum(c, nmax, out=c)
 
 
 def move_cells_numpy(
@@ -170,136 +221,198 @@ def move_cells_numpy(
     max_disp,
     flags,
 ):
-    """NumPy twin of kernel move_cells: updates pos, vel (float32 (>= n, 3)) rows [:n] in place."""
+    """NumPy twin of kernel move_cells: updates pos, vel (float32 (>= n, 3)) rows [:n] in place.
+
+    Cells of unknown type are left alone (and flagged); the others are processed as compact
+    per-axis float32 columns with the kernel's operations in the kernel's order. Substeps past the
+    first one run on the few cells that still move.
+    """
     f32 = np.float32
     if n == 0:
         return
     nz, ny, nx = grid.shape
     dx = f32(grid.dx)
-    ox, oy, oz = (f32(o) for o in grid.origin)
-    t = type_[:n].astype(np.int64)
-    if (t >= tp.shape[0]).any():
-        flags[0] |= np.uint32(K.FLAG_BAD_TYPE)
-    good = t < tp.shape[0]
-    t = np.where(good, t, 0)
-    # per-cell parameter columns, gathered contiguous (faster than strided views of tp[t])
-    P = [tp[:, c][t] for c in range(NTP)]
-    p = pos[:n].copy()
-    v = vel[:n].copy()
-    o3 = (ox, oy, oz)
+    o3 = tuple(f32(o) for o in grid.origin)
     nn = (nx, ny, nz)
+    t = type_[:n]
+    bad = tp.shape[0] < 256 and bool((t >= tp.shape[0]).any())
+    if bad:
+        flags[0] |= np.uint32(K.FLAG_BAD_TYPE)
+    rows = None  # None: every cell has parameters
+    if bad:
+        rows = np.flatnonzero(t < tp.shape[0])
+        if rows.size == 0:
+            return
+        t = t[rows]
+    m = n if rows is None else rows.size
+    pv = pos[:n] if rows is None else pos[rows]
+    vv = vel[:n] if rows is None else vel[rows]
+    p = [np.ascontiguousarray(pv[:, a]) for a in range(3)]
+    v = [np.ascontiguousarray(vv[:, a]) for a in range(3)]
+    cr = crowd[:n] if rows is None else crowd[rows]
+    idn = ids[:n] if rows is None else ids[rows]
+    t = t.astype(np.intp)
+    P = [tp[:, c][t] for c in range(5)]  # per-cell OU coefficients (gathered contiguous)
 
-    def vox(q):
-        return [np.clip(np.floor((q[:, a] - o3[a]) / dx).astype(np.int64), 0, nn[a] - 1) for a in range(3)]
-
+    idx = [_voxel_axis(p[a], o3[a], dx, nn[a] - 1) for a in range(3)]
     open_flat = open_.reshape(-1)
-    i, j, k = vox(p)
     nxy = nx * ny
-    here = k * nxy + j * nx + i
-    if (open_flat[here[good]] == 0).any():
+    stride = (1, nx, nxy)
+    here = idx[2] * nxy
+    here += idx[1] * nx
+    here += idx[0]
+    if not open_flat[here].all():
         flags[0] |= np.uint32(K.FLAG_IN_CLOSED_VOXEL)
 
-    vd = np.zeros((n, 3), dtype=f32)
+    vd = [np.zeros(m, dtype=f32) for _ in range(3)]
     fi = tfield[t]
-    chem = np.flatnonzero((fi >= 0) & good)
+    chem = np.flatnonzero(fi >= 0)
     if chem.size:
         fflat = fields.reshape(-1)
         nvox = nz * nxy
         h = here[chem]
         base = fi[chem].astype(np.int64) * nvox + h  # flat index into the stacked fields
         cc = fflat[base]
-        idx3 = (i[chem], j[chem], k[chem])
-        stride = (1, nx, nxy)
-        g = np.zeros((chem.size, 3), dtype=f32)
-        for a in range(ndim):
-            up = idx3[a] + 1 < nn[a]
-            dn = idx3[a] >= 1
-            ip = (up & (open_flat[np.where(up, h + stride[a], h)] != 0)).astype(np.int64)
-            im = (dn & (open_flat[np.where(dn, h - stride[a], h)] != 0)).astype(np.int64)
-            s = ip + im
-            fp = fflat[base + ip * stride[a]]
-            fm = fflat[base - im * stride[a]]
-            with np.errstate(divide="ignore", invalid="ignore"):
+        tc = t[chem]
+        g = []
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for a in range(3):
+                if a >= ndim:
+                    g.append(np.zeros(chem.size, dtype=f32))
+                    continue
+                ia = idx[a][chem]
+                up = ia + 1 < nn[a]
+                dn = ia >= 1
+                ip = (up & (open_flat[np.where(up, h + stride[a], h)] != 0)).astype(np.int64)
+                im = (dn & (open_flat[np.where(dn, h - stride[a], h)] != 0)).astype(np.int64)
+                s = ip + im
+                fp = fflat[base + ip * stride[a]]
+                fm = fflat[base - im * stride[a]]
                 ga = (fp - fm) / (s.astype(f32) * dx)
-            g[:, a] = np.where(s > 0, ga, f32(0))
-        Kd = P[6][chem]
-        den = Kd + cc
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sc = np.where(den > 0, P[5][chem] * Kd / (den * den), f32(0)).astype(f32)
-        g = g * sc[:, None]
-        m2 = g[:, 0] * g[:, 0] + g[:, 1] * g[:, 1] + g[:, 2] * g[:, 2]
-        cap = P[7][chem]
-        over = m2 > cap * cap
-        with np.errstate(divide="ignore", invalid="ignore"):
-            fac = np.where(over, cap / np.sqrt(m2), f32(1))
-        g = np.where(over[:, None], g * fac[:, None], g)
-        vd[chem] = g
+                g.append(np.where(s > 0, ga, f32(0)))
+            Kd = tp[:, 6][tc]
+            den = Kd + cc
+            sc = np.where(den > 0, tp[:, 5][tc] * Kd / (den * den), f32(0)).astype(f32)
+            g = [ga * sc for ga in g]
+            m2 = g[0] * g[0] + g[1] * g[1] + g[2] * g[2]
+            cap = tp[:, 7][tc]
+            over = np.flatnonzero(m2 > cap * cap)
+            if over.size:
+                fac = cap[over] / np.sqrt(m2[over])
+                for ga in g:
+                    ga[over] = ga[over] * fac
+        for a in range(3):
+            vd[a][chem] = g[a]
 
-    idn = ids[:n]
-    r0 = rng.draw(idn, step, rng.PURPOSE_MOVE, 0, (k1 << 32) | k0)
-    z = np.zeros((n, 6), dtype=f32)
-    z[:, 0], z[:, 1] = rng.box_muller(r0[0], r0[1])
-    z[:, 2], z[:, 3] = rng.box_muller(r0[2], r0[3])
+    # normals: x uses (z0, z1), y (z2, z3), z (z4, z5): Box-Muller of Philox words (0, 1), (2, 3)
+    # of draw 0 and (0, 1) of draw 1; computed in one pass (elementwise, so bit-identical)
+    key = (k1 << 32) | k0
+    r0 = rng.draw(idn, step, rng.PURPOSE_MOVE, 0, key)
     if ndim == 3:
-        r1 = rng.draw(idn, step, rng.PURPOSE_MOVE, 1, (k1 << 32) | k0)
-        z[:, 4], z[:, 5] = rng.box_muller(r1[0], r1[1])
-    d = np.zeros((n, 3), dtype=f32)
-    for a in range(3):
-        u = v[:, a] - vd[:, a]
-        d[:, a] = vd[:, a] * f32(dt) + P[4] * u + P[2] * z[:, 2 * a] + P[3] * z[:, 2 * a + 1] + crowd[:n, a]
-        v[:, a] = vd[:, a] + P[0] * u + P[1] * z[:, 2 * a]
-    if ndim == 2:
-        d[:, 2] = 0
-        v[:, 2] = 0
-    lo = (ox, oy, oz)
-    hi = (f32(ox + f32(nx) * dx), f32(oy + f32(ny) * dx), f32(oz + f32(nz) * dx))
-    idx = [i, j, k]  # voxel of the current position, updated substep by substep
-    for a in range(ndim):
-        # equal substeps shorter than max_disp (< dx), as the kernel: no tunnelling through walls
-        nsub = np.maximum(np.ceil(np.abs(d[:, a]) / max_disp).astype(np.int64), 1)
-        over = nsub > MAX_SUBSTEPS
-        if over[good].any():
-            flags[0] |= np.uint32(K.FLAG_DISPLACEMENT_CAPPED)
-        if over.any():
-            d[:, a] = np.where(
-                over,
-                np.where(d[:, a] > 0, f32(MAX_SUBSTEPS) * max_disp, f32(-MAX_SUBSTEPS) * max_disp),
-                d[:, a],
-            )
-            nsub = np.minimum(nsub, MAX_SUBSTEPS)
-        sub = d[:, a] / nsub.astype(f32)
-        va = v[:, a].copy()
-        moving = np.ones(n, dtype=bool)
-        for s_ in range(int(nsub.max())):
-            act = moving & (s_ < nsub)
-            if not act.any():
-                break
-            q = p[:, a] + sub
-            below = q < lo[a]
-            above = ~below & (q >= hi[a])
-            refl = below | above
-            q = np.where(below, lo[a] + (lo[a] - q), np.where(above, hi[a] - (q - hi[a]), q))
-            vq = np.where(refl, -va, va)
-            sq = np.where(refl, -sub, sub)
-            q = np.minimum(np.maximum(q, lo[a]), hi[a])
-            ca = np.clip(np.floor((q - o3[a]) / dx).astype(np.int64), 0, nn[a] - 1)
-            t3 = list(idx)
-            t3[a] = ca
-            ok = open_flat[(t3[2] * ny + t3[1]) * nx + t3[0]] != 0
-            go = act & ok
-            stop = act & ~ok
-            p[:, a] = np.where(go, q, p[:, a])
-            va = np.where(go, vq, np.where(stop, -va, va))
-            sub = np.where(go, sq, sub)
-            idx[a] = np.where(go, ca, idx[a])
-            moving &= ~stop
-        v[:, a] = va
-    if good.all():
-        pos[:n] = p
-        vel[:n] = v
+        r1 = rng.draw(idn, step, rng.PURPOSE_MOVE, 1, key)
+        za, zb = rng.box_muller(np.concatenate([r0[0], r0[2], r1[0]]), np.concatenate([r0[1], r0[3], r1[1]]))
     else:
-        pos[:n] = np.where(good[:, None], p, pos[:n])
-        vel[:n] = np.where(good[:, None], v, vel[:n])
+        za, zb = rng.box_muller(np.concatenate([r0[0], r0[2]]), np.concatenate([r0[1], r0[3]]))
+    dtf = f32(dt)
+    d = []
+    for a in range(ndim):
+        z1, z2 = za[a * m : (a + 1) * m], zb[a * m : (a + 1) * m]
+        u = v[a] - vd[a]
+        da = vd[a] * dtf
+        da += P[4] * u
+        da += P[2] * z1
+        da += P[3] * z2
+        da += cr[:, a]
+        d.append(da)
+        va = vd[a] + P[0] * u
+        va += P[1] * z1
+        v[a] = va
+    if ndim == 2:
+        v[2] = np.zeros(m, dtype=f32)
+    hi = (f32(o3[0] + f32(nx) * dx), f32(o3[1] + f32(ny) * dx), f32(o3[2] + f32(nz) * dx))
+    for a in range(ndim):
+        _walk_axis(
+            a,
+            p[a],
+            v,
+            d[a],
+            idx,
+            here,
+            stride[a],
+            o3[a],
+            hi[a],
+            o3[a],
+            dx,
+            nn[a] - 1,
+            open_flat,
+            max_disp,
+            flags,
+        )
+    if rows is None:
+        for a in range(3):
+            pos[:n, a] = p[a]
+            vel[:n, a] = v[a]
+    else:
+        pos[rows] = np.stack(p, axis=1)
+        vel[rows] = np.stack(v, axis=1)
+
+
+def _walk_axis(a, pa, v, da, idx, here, stride, lo, hi, o, dx, nmax, open_flat, max_disp, flags):
+    """Move along axis a in equal substeps < dx, stopping at closed voxels (kernel move_cells).
+
+    pa, v[a], idx[a] and here (flat voxel) are updated in place. The first substep runs on every
+    cell; the later ones only on the cells that still move (same outcome, kernel order per cell).
+    """
+    f32 = np.float32
+    nsub = np.ceil(np.abs(da) / max_disp).astype(np.int64)
+    np.maximum(nsub, 1, out=nsub)
+    over = nsub > MAX_SUBSTEPS
+    if over.any():
+        flags[0] |= np.uint32(K.FLAG_DISPLACEMENT_CAPPED)
+        da = np.where(over, np.where(da > 0, f32(MAX_SUBSTEPS) * max_disp, f32(-MAX_SUBSTEPS) * max_disp), da)
+        np.minimum(nsub, MAX_SUBSTEPS, out=nsub)
+    sub = da / nsub.astype(f32)
+    va = v[a]
+    ia = idx[a]
+    act = None  # None: every cell (first substep), else the rows still moving
+    for s_ in range(int(nsub.max())):
+        if act is None:
+            p_s, sub_s, va_s, ia_s, here_s = pa, sub, va, ia, here
+        else:
+            p_s, sub_s, va_s, ia_s, here_s = pa[act], sub[act], va[act], ia[act], here[act]
+        q = p_s + sub_s
+        below = q < lo
+        above = ~below & (q >= hi)
+        refl = below | above
+        vq, sq = va_s, sub_s
+        if refl.any():
+            q = np.where(below, lo + (lo - q), np.where(above, hi - (q - hi), q))
+            vq = np.where(refl, -va_s, va_s)
+            sq = np.where(refl, -sub_s, sub_s)
+        q = np.minimum(np.maximum(q, lo), hi)
+        ca = _voxel_axis(q, o, dx, nmax)
+        flat = ca - ia_s
+        flat *= stride
+        flat += here_s
+        ok = open_flat[flat] != 0
+        new_va = np.where(ok, vq, -va_s)
+        new_sub = np.where(ok, sq, sub_s)
+        if act is None:
+            np.copyto(pa, q, where=ok)
+            va[:] = new_va
+            sub = new_sub
+            np.copyto(ia, ca, where=ok)
+            np.copyto(here, flat, where=ok)
+            act = np.flatnonzero(ok & (nsub > 1))
+        else:
+            pa[act] = np.where(ok, q, p_s)
+            va[act] = new_va
+            sub[act] = new_sub
+            ia[act] = np.where(ok, ca, ia_s)
+            here[act] = np.where(ok, flat, here_s)
+            act = act[ok & (nsub[act] > s_ + 1)]
+        if act.size == 0:
+            break
 
 
 def _as_params(pop: Population, motility):
@@ -339,13 +452,11 @@ def move(
     params = _as_params(pop, motility)
     ndim = grid.ndim
     vals, names = _stack_fields(xp, fields, grid)
-    tp_h, tfield_h = type_table(params, names, dt_min, ndim)
+    tp_h, tfield_h, radius, stiff = _tables(params, names, dt_min, ndim)
     open_ = _open_u8(xp, open_mask, grid)
     n = pop.n
     if n == 0:
         return
-    radius = np.array([p.crowding_radius_um for p in params], dtype=np.float32)
-    stiff = np.array([p.crowding_stiffness_per_min for p in params], dtype=np.float32)
     if radius.max() > 0:
         width = 2.0 * float(radius.max())
         if cell_list is None or cell_list.width < width or cell_list.n != n:
@@ -454,6 +565,7 @@ def extravasate(
     rate_per_min_per_vessel_voxel: float | None = None,
     dt_min: float | None = None,
     n_sites: int | None = None,
+    number: int | None = None,
     **attrs,
 ):
     """Cells of ``cell_type`` entering the tissue from blood through vessel voxels.
@@ -463,18 +575,19 @@ def extravasate(
     rate_per_min_per_vessel_voxel x n_sites x dt_min; it is drawn on the host from Philox
     (stream = cell_type), so the birth count is known without a device sync. Each new cell sits
     in a uniformly chosen site at a uniform point inside the voxel (z at the slab centre in 2D),
-    with zero velocity; its draws are keyed by its new id. Returns the new ids.
+    with zero velocity; its draws are keyed by its new id. ``number`` (optional) gives the count
+    already drawn by the caller (e.g. one vectorised Poisson draw for all types). Returns the new ids.
     """
     xp = pop.xp
     if n_sites is None:
         n_sites = int(sites.shape[0])
-    if expected_number is None:
+    if expected_number is None and number is None:
         if rate_per_min_per_vessel_voxel is None or dt_min is None:
             raise ValueError("give expected_number, or rate_per_min_per_vessel_voxel and dt_min")
         expected_number = rate_per_min_per_vessel_voxel * n_sites * dt_min
     if n_sites == 0:
         return xp.zeros(0, dtype=np.int64)
-    m = rng.poisson_host(expected_number, seed, step, int(cell_type))
+    m = int(number) if number is not None else rng.poisson_host(expected_number, seed, step, int(cell_type))
     ids = xp.arange(pop.next_id, pop.next_id + m, dtype=np.int64)
     if m == 0:
         return ids

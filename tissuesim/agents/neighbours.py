@@ -61,8 +61,12 @@ def _bin_coords_numpy(pos, origin, width, nb, xp=np):
     f = np.float32
     out = []
     for a in range(3):
+        if nb[a] == 1 and xp is np:  # clipped to [0, 0] whatever the position (NaN included)
+            out.append(np.zeros(pos.shape[0], dtype=np.int64))
+            continue
         c = xp.floor((pos[:, a] - f(origin[a])) / f(width)).astype(np.int64)
-        out.append(xp.clip(c, 0, nb[a] - 1))
+        xp.maximum(c, 0, out=c)  # = clip(c, 0, nb - 1)
+        out.append(xp.minimum(c, nb[a] - 1, out=c))
     return out
 
 
@@ -87,12 +91,11 @@ def build_cell_list(pop: Population, grid: Grid, width: float) -> CellList:
         raise ValueError("too many bins x cells for int64 keys; use a larger width")
     n = pop.n
     pos = pop.position
-    if pop.be.is_gpu:
-        key = xp.empty(n, dtype=np.int64)
-        geo = CellList(None, None, None, float(width), nb, tuple(grid.origin), n).geometry_args()
-        K.launch(pop.be, "bin_keys", n, (pos, np.int32(n), *geo, key))
-    else:
-        key = bin_keys_numpy(pos, n, grid.origin, width, nb)
+    if not pop.be.is_gpu:
+        return _build_cell_list_numpy(pos, n, tuple(grid.origin), float(width), nb)
+    key = xp.empty(n, dtype=np.int64)
+    geo = CellList(None, None, None, float(width), nb, tuple(grid.origin), n).geometry_args()
+    K.launch(pop.be, "bin_keys", n, (pos, np.int32(n), *geo, key))
     order = xp.argsort(key)
     # cells per bin by counting (O(n + nbins)); the sorted order makes each bin one range
     counts = xp.bincount(key // max(n, 1), minlength=nbins) if n else xp.zeros(nbins, dtype=np.int64)
@@ -101,13 +104,100 @@ def build_cell_list(pop: Population, grid: Grid, width: float) -> CellList:
     return CellList(order.astype(np.int32), start, end, float(width), nb, tuple(grid.origin), n)
 
 
-_OFFSETS = [(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+def _sort_by_bin(b, n: int, nbins: int):
+    """int32 (n,) argsort of the keys b * n + index, i.e. cells by (bin, index).
+
+    A stable sort by bin gives exactly that order: LSD radix sort in 16-bit digits (NumPy's
+    stable argsort of uint16 is a radix sort), else a sort of the unique int64 keys.
+    """
+    if nbins <= 1 << 16:
+        return np.argsort(b.astype(np.uint16), kind="stable").astype(np.int32)
+    if nbins <= 1 << 32:
+        o = np.argsort((b & 0xFFFF).astype(np.uint16), kind="stable")
+        o2 = np.argsort((b >> 16).astype(np.uint16)[o], kind="stable")
+        return o[o2].astype(np.int32)
+    key = b * np.int64(n)
+    key += np.arange(n, dtype=np.int64)
+    key.sort()
+    return (key % max(n, 1)).astype(np.int32)
+
+
+def _pad_geometry(nb) -> tuple[int, int, int]:
+    """(px, py, pz): the bin grid with one layer of empty ghost bins (x, y; and z in 3D)."""
+    return (nb[0] + 2, nb[1] + 2, nb[2] + 2 if nb[2] > 1 else 1)
+
+
+def _padded_bins(bx, by, bz, nb):
+    """Flat index of bin (bx, by, bz) in the padded bin grid (C order [z][y][x])."""
+    px, py, _ = _pad_geometry(nb)
+    if nb[2] > 1:
+        bz = bz + 1
+    pb = bz * py
+    pb += by
+    pb += 1
+    pb *= px
+    pb += bx
+    pb += 1
+    return pb
+
+
+def _build_cell_list_numpy(pos, n, origin, width, nb) -> CellList:
+    """The NumPy twin of bin_keys + sort + bin ranges, plus the state the NumPy queries reuse.
+
+    Same list as the GPU path: ``order`` = argsort(bin * n + index) (see _sort_by_bin). The
+    padded bin ranges (see _padded_ranges), the build positions and their padded bins are kept on
+    the list for the queries.
+    """
+    nbins = nb[0] * nb[1] * nb[2]
+    p = pos[:n]
+    bx, by, bz = _bin_coords_numpy(p, origin, width, nb)
+    b = (bz * nb[1] + by) * nb[0] + bx
+    order = _sort_by_bin(b, n, nbins)
+    px, py, pz = pad = _pad_geometry(nb)
+    pbin = _padded_bins(bx, by, bz, nb)
+    cdt = np.int32 if n < 2**31 else np.int64  # ranges index `order`
+    cum = np.zeros(px * py * pz + 1, dtype=cdt)
+    np.cumsum(np.bincount(pbin, minlength=px * py * pz), dtype=cdt, out=cum[1:])
+    zs = slice(1, -1) if nb[2] > 1 else slice(0, 1)
+    start = cum[:-1].reshape(pz, py, px)[zs, 1:-1, 1:-1].astype(np.int32).reshape(nbins)
+    end = cum[1:].reshape(pz, py, px)[zs, 1:-1, 1:-1].astype(np.int32).reshape(nbins)
+    cl = CellList(order, start, end, width, nb, origin, n)
+    cl._pad = (cum, pad)
+    cl._snap = _Snapshot(p.copy(), pbin)
+    return cl
+
+
+class _Snapshot:
+    """Positions a CellList's NumPy queries last saw, their padded bins and the pairs found then."""
+
+    __slots__ = ("cand", "pbin", "pos")
+
+    def __init__(self, pos, pbin):
+        self.pos = pos
+        self.pbin = pbin
+        self.cand = None  # (i, j, r2) over every cell as source, pair order
+
+
+def _snapshot(cl: CellList, pos) -> _Snapshot:
+    """The list's snapshot for the current positions ``pos[:n]`` (rebuilt when they changed).
+
+    Queries only reuse what was derived from bit-identical positions, so cached pairs are exactly
+    the pairs a fresh search would give (also for a stale list, whose ``order`` is kept as is).
+    """
+    n = cl.n
+    p = pos[:n]
+    snap = getattr(cl, "_snap", None)
+    if snap is not None and np.array_equal(snap.pos.view(np.uint32), p.view(np.uint32)):
+        return snap
+    bx, by, bz = _bin_coords_numpy(p, cl.origin, cl.width, cl.nb)
+    cl._snap = snap = _Snapshot(p.copy(), _padded_bins(bx, by, bz, cl.nb))
+    return snap
 
 
 def _padded_ranges(cl: CellList):
     """(cum, pad) of the bin grid padded with one layer of empty bins, cached on the list.
 
-    cum : int64 (nbins_padded + 1,), padded bin k covers order[cum[k] : cum[k + 1]] (C order
+    cum : int64, or int32 from _build_cell_list_numpy (nbins_padded + 1,), padded bin k covers order[cum[k] : cum[k + 1]] (C order
     [z][y][x]); empty ghost bins have empty ranges in place, so the three bins of a row
     (dx = -1, 0, 1) around bin b are always the one contiguous range cum[b - 1] .. cum[b + 2].
     """
@@ -115,62 +205,157 @@ def _padded_ranges(cl: CellList):
     if cached is not None:
         return cached
     nbx, nby, nbz = cl.nb
-    three_d = nbz > 1
-    pad = (nbx + 2, nby + 2, nbz + 2 if three_d else 1)
+    pad = _pad_geometry(cl.nb)
     counts = np.zeros((pad[2], pad[1], pad[0]), dtype=np.int64)
-    zs = slice(1, -1) if three_d else slice(0, 1)
-    counts[zs, 1:-1, 1:-1] = (cl.bin_end - cl.bin_start).reshape(nbz, nby, nbx)
+    zs = slice(1, -1) if nbz > 1 else slice(0, 1)
+    counts[zs, 1:-1, 1:-1] = (np.asarray(cl.bin_end) - np.asarray(cl.bin_start)).reshape(nbz, nby, nbx)
     cum = np.concatenate([np.zeros(1, np.int64), np.cumsum(counts.reshape(-1))])
     cl._pad = (cum, pad)
     return cl._pad
+
+
+def _row_tables(cl: CellList):
+    """(start, count3) per padded bin b, cached: the row of bins b, b + 1, b + 2 is the range
+    order[start[b] : start[b] + count3[b]] (= cum[b] .. cum[b + 3]). Narrow dtypes (count3 mostly
+    uint8) keep these randomly accessed tables small enough for the CPU caches."""
+    cached = getattr(cl, "_rows", None)
+    if cached is not None:
+        return cached
+    cum, _ = _padded_ranges(cl)
+    c3 = cum[3:] - cum[:-3]
+    top = int(c3.max()) if c3.size else 0
+    cdt = np.uint8 if top <= 0xFF else (np.uint16 if top <= 0xFFFF else np.int64)
+    sdt = np.int32 if cl.n < 2**31 else np.int64
+    start = cum[:-3] if cum.dtype == sdt else cum[:-3].astype(sdt)
+    cl._rows = (start, c3.astype(cdt))
+    return cl._rows
+
+
+def _row_offsets(cl: CellList):
+    """Offsets from a cell's padded bin to the first bin (dx = -1) of each row (dz, dy) of its
+    block, (dz, dy) lexicographic."""
+    px, py, _ = _pad_geometry(cl.nb)
+    dzs = (-1, 0, 1) if cl.nb[2] > 1 else (0,)
+    return np.array([(dz * py + dy) * px - 1 for dz in dzs for dy in (-1, 0, 1)], dtype=np.int64)
+
+
+def _expand_pairs(cl: CellList, pbin, sources):
+    """(i, j) int64 of every cell j in the bin block of each source i, i != j, in pair order.
+
+    pbin : padded bin of each source; sources : int64 ascending (None: all n cells). One pass
+    for all rows: the (source, row) ranges in C order are (i, dz, dy) lexicographic, and inside
+    a row's range cells come by (dx, j), so the output is in the kernels' order without a sort.
+    """
+    start, count3 = _row_tables(cl)
+    b = pbin[:, None] + _row_offsets(cl)  # first bin (dx = -1) of each row (dz, dy)
+    cnt = count3[b]
+    per_src = cnt.sum(axis=1, dtype=np.int64)
+    b = b.reshape(-1)
+    occ = np.flatnonzero(cnt.reshape(-1) != 0)  # (nonzero is fastest on bool)
+    cnt = cnt.reshape(-1)[occ].astype(np.int64)
+    s = start[b[occ]].astype(np.int64)
+    tot = int(per_src.sum())
+    e = np.zeros(0, dtype=np.int64)
+    if tot == 0:
+        return e, e
+    src = np.arange(pbin.shape[0], dtype=np.int64) if sources is None else sources
+    ii = np.repeat(src, per_src)
+    # position in `order` of each pair: the ranges s .. s + cnt - 1 one after the other, as a
+    # running sum of steps that are 1 inside a range and jump to the next range's start
+    first = np.cumsum(cnt)
+    first -= cnt
+    step = np.ones(tot, dtype=np.int64)
+    step[0] = s[0]
+    jump = s[1:] - s[:-1]
+    jump -= cnt[:-1]
+    jump += 1
+    step[first[1:]] = jump
+    k = np.cumsum(step, out=step)
+    jj = cl.order[k].astype(np.int64)
+    keep = np.flatnonzero(ii != jj)
+    if keep.size != tot:
+        ii, jj = ii[keep], jj[keep]
+    return ii, jj
+
+
+def _columns(pos, n):
+    return tuple(np.ascontiguousarray(pos[:n, a]) for a in range(3))
+
+
+def _all_candidates(cl: CellList, pos):
+    """(i, j, r2) for every cell as a source, in pair order; r2 = |x_j - x_i|^2 (float32).
+
+    Cached on the list for bit-identical positions: contacts and crowding on one list share it.
+    """
+    snap = _snapshot(cl, pos)
+    if snap.cand is None:
+        i, j = _expand_pairs(cl, snap.pbin, None)
+        x, y, z = _columns(pos, cl.n)
+        r2 = _r2(x, y, z, i, j)
+        snap.cand = (i, j, r2)
+    return snap.cand
+
+
+def _r2(x, y, z, i, j):
+    """|x_j - x_i|^2 in float32, summed x, y, z (as the kernels)."""
+    d = x[j]
+    d -= x[i]
+    r2 = d * d
+    d = y[j]
+    d -= y[i]
+    d *= d
+    r2 += d
+    d = z[j]
+    d -= z[i]
+    d *= d
+    r2 += d
+    return r2
 
 
 def candidate_pairs_numpy(cl: CellList, pos, sources=None, ordered: bool = True):
     """All (i, j), i != j, with j in the 3x3(x3) bin block of i, in the kernels' pair order.
 
     pos : float32 (>= n, 3). sources : int64 indices allowed as i (ascending) or None for all.
-    Vectorised over cells, one pass per row of bins (dz, dy): the row's three bins are one
+    Vectorised over cells and rows of bins (dz, dy) in one pass: the row's three bins are one
     contiguous range of ``order`` (bins are sorted and the grid is padded with empty bins), and
-    inside it cells come by (dx, j), the kernels' order. Only cells with a non-empty range are
-    expanded. Returns int64 arrays (i, j); ``ordered=False`` skips the final sort by i (for
-    order-free reductions such as the crowding sum).
+    inside it cells come by (dx, j), the kernels' order. Returns int64 arrays (i, j), always in
+    pair order (``ordered`` is kept for compatibility). When many cells are sources the pairs of
+    all cells are found once and cached on the list (see _all_candidates), then filtered.
     """
     n = cl.n
-    if sources is None:
-        sources = np.arange(n, dtype=np.int64)
     e = np.zeros(0, dtype=np.int64)
-    if n == 0 or sources.size == 0:
+    if sources is not None:
+        sources = np.asarray(sources, dtype=np.int64)
+    if n == 0 or (sources is not None and sources.size == 0):
         return e, e
-    cum, (px, py, _pz) = _padded_ranges(cl)
-    three_d = cl.nb[2] > 1
-    bx, by, bz = _bin_coords_numpy(pos[sources], cl.origin, cl.width, cl.nb)
-    pb = ((bz + (1 if three_d else 0)) * py + by + 1) * px + bx + 1
-    order = cl.order.astype(np.int64)
-    parts_i, parts_j = [], []
-    rows = [(dz, dy) for dz in ((-1, 0, 1) if three_d else (0,)) for dy in (-1, 0, 1)]
-    for dz, dy in rows:
-        b = pb + (dz * py + dy) * px
-        s = cum[b - 1]
-        cnt = cum[b + 2] - s
-        occ = np.flatnonzero(cnt)
-        if occ.size == 0:
-            continue
-        cnt = cnt[occ]
-        tot = int(cnt.sum())
-        ii = np.repeat(sources[occ], cnt)
-        first = np.cumsum(cnt) - cnt
-        jj = order[np.arange(tot, dtype=np.int64) - np.repeat(first - s[occ], cnt)]
-        keep = ii != jj
-        parts_i.append(ii[keep])
-        parts_j.append(jj[keep])
-    if not parts_i:
-        return e, e
-    i = np.concatenate(parts_i)
-    j = np.concatenate(parts_j)
-    if not ordered:
-        return i, j
-    srt = np.argsort(i, kind="stable")  # (i, row, dx, j): rows were concatenated in order
-    return i[srt], j[srt]
+    i, j, _ = _candidates_for(cl, pos, sources)
+    return i, j
+
+
+def _use_all(cl: CellList, nsrc: int) -> bool:
+    """Find (or reuse) the pairs of every cell rather than of the sources only."""
+    snap = getattr(cl, "_snap", None)
+    return 4 * nsrc >= cl.n or (snap is not None and snap.cand is not None)
+
+
+def _candidates_for(cl: CellList, pos, sources, src_mask=None):
+    """(i, j, r2 or None) of the candidate pairs of ``sources`` (int64 ascending, None = all).
+
+    src_mask : bool (n,) of the sources (optional, saves building it)."""
+    n = cl.n
+    nsrc = n if sources is None else int(sources.size)
+    if sources is None or _use_all(cl, nsrc):
+        i, j, r2 = _all_candidates(cl, pos)
+        if nsrc == n:
+            return i, j, r2
+        if src_mask is None:
+            src_mask = np.zeros(n, dtype=bool)
+            src_mask[sources] = True
+        keep = np.flatnonzero(src_mask[i])
+        return i[keep], j[keep], r2[keep]
+    snap = _snapshot(cl, pos)
+    i, j = _expand_pairs(cl, snap.pbin[sources], sources)
+    return i, j, None
 
 
 def type_mask(types) -> int:
@@ -207,24 +392,37 @@ def _pair_r2_numpy(pos, i, j):
     return d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]
 
 
+def _type_bits(mask: int) -> np.ndarray:
+    """bool (256,): types in the uint32 bit set ``mask`` (types >= 32 never match)."""
+    ok = np.zeros(256, dtype=bool)
+    ok[:32] = ((np.uint64(mask) >> np.arange(32, dtype=np.uint64)) & np.uint64(1)).astype(bool)
+    return ok
+
+
 def contacts_numpy(pos, type_, cl: CellList, r2max, src_mask: int, tgt_mask: int):
     """NumPy twin of count_pairs + write_pairs: int64 (i, j) in pair order, |x_i - x_j|^2 < r2max."""
     n = cl.n
-    t = type_[:n].astype(np.int64)
-    src = np.flatnonzero(
-        (t < 32) & ((np.uint64(src_mask) >> np.minimum(t, 31).astype(np.uint64)) & np.uint64(1) != 0)
-    )
-    i, j = candidate_pairs_numpy(cl, pos, src)
+    e = np.zeros(0, dtype=np.int64)
+    if n == 0:
+        return e, e
+    t = type_[:n]
+    is_src = _type_bits(src_mask)[t]
+    src = np.flatnonzero(is_src)
+    if src.size == 0:
+        return e, e
+    tgt_ok = _type_bits(tgt_mask)[t]
+    i, j, r2 = _candidates_for(cl, pos, None if src.size == n else src, is_src)
     if i.size == 0:
-        return i, j
-    tgt_ok = np.zeros(256, dtype=bool)  # types >= 32 never match a mask
-    tgt_ok[:32] = ((np.uint64(tgt_mask) >> np.arange(32, dtype=np.uint64)) & np.uint64(1)).astype(bool)
-    ok = np.flatnonzero(tgt_ok[t[j]])
+        return e, e
+    r2max = np.float32(r2max)
+    if r2 is not None:
+        ok = tgt_ok[j]
+        ok &= r2 < r2max
+        ok = np.flatnonzero(ok)
+        return i[ok], j[ok]
+    ok = np.flatnonzero(tgt_ok[j])
     i, j = i[ok], j[ok]
-    x, y, z = (np.ascontiguousarray(pos[:n, a]) for a in range(3))
-    dx, dy, dz = x[j] - x[i], y[j] - y[i], z[j] - z[i]
-    r2 = dx * dx + dy * dy + dz * dz
-    ok = np.flatnonzero(r2 < np.float32(r2max))
+    ok = np.flatnonzero(_r2(*_columns(pos, n), i, j) < r2max)
     return i[ok], j[ok]
 
 
@@ -313,36 +511,67 @@ def crowd_displacement_numpy(pos, type_, ids, cl: CellList, radius, stiff, dt):
     """NumPy twin of kernel crowd_displacement: float32 (n, 3) um (see agents.cu for the law)."""
     n = cl.n
     out = np.zeros((n, 3), dtype=np.float32)
-    t = type_[:n].astype(np.int64)
-    active = np.flatnonzero(radius[t] > 0)
-    i, j = candidate_pairs_numpy(cl, pos, active, ordered=False)
+    if n == 0:
+        return out
+    t = type_[:n]
+    rc = radius[t]  # per-cell radius and stiffness (same values as radius[t[i]] per pair)
+    is_src = rc > 0
+    nsrc = int(np.count_nonzero(is_src))
+    if nsrc == 0:
+        return out
+    sources = None if nsrc == n else np.flatnonzero(is_src)
+    i, j, r2 = _candidates_for(cl, pos, sources, is_src)
     if i.size == 0:
         return out
-    # cheap filter first on contiguous coordinate columns (most candidates do not overlap)
-    x, y, z = (np.ascontiguousarray(pos[:n, a]) for a in range(3))
-    ux, uy, uz = x[i] - x[j], y[i] - y[j], z[i] - z[j]
-    r2 = ux * ux + uy * uy + uz * uz
+    x, y, z = _columns(pos, n)
+    if r2 is None:
+        r2 = _r2(x, y, z, i, j)  # |x_i - x_j|^2: the same float32 value
+    # cheap filter first (most candidates do not overlap)
     rmax = np.float32(2 * radius.max())
     near = np.flatnonzero(r2 < rmax * rmax)
     i, j, r2 = i[near], j[near], r2[near]
-    u = np.stack([ux[near], uy[near], uz[near]], axis=1)
-    R = radius[t[i]] + radius[t[j]]
-    ov = (radius[t[j]] > 0) & (radius[t[i]] > 0) & (r2 < R * R)
-    i, j, R, u, r2 = i[ov], j[ov], R[ov], u[ov], r2[ov]
-    f = np.float32(0.5) * (stiff[t[i]] + stiff[t[j]]) * np.float32(dt)
+    ri, rj = rc[i], rc[j]
+    R = ri + rj
+    ov = rj > 0
+    ov &= ri > 0
+    ov &= r2 < R * R
+    ov = np.flatnonzero(ov)
+    i, j, R, r2 = i[ov], j[ov], R[ov], r2[ov]
+    ux, uy, uz = x[i] - x[j], y[i] - y[j], z[i] - z[j]
+    kc = stiff[t]
+    f = np.float32(0.5) * (kc[i] + kc[j]) * np.float32(dt)
     f = np.minimum(f, np.float32(1.0))
     pos_r = r2 > 0
     r = np.sqrt(np.where(pos_r, r2, np.float32(1.0)))
     m = np.where(pos_r, f * np.float32(0.5) * (R - r) / r, np.float32(0.0))
-    contrib = u * m[:, None]
+    cx, cy, cz = ux * m, uy * m, uz * m
     coincident = ~pos_r
     if coincident.any():
         mc = f * np.float32(0.5) * R
         sign = np.where(ids[i] < ids[j], np.float32(-1.0), np.float32(1.0))
-        contrib[:, 0] = np.where(coincident, sign * mc, contrib[:, 0])
-    for a in range(3):
-        out[:, a] = np.bincount(i, weights=contrib[:, a], minlength=n).astype(np.float32)
+        cx = np.where(coincident, sign * mc, cx)
+    for a, c in enumerate((cx, cy, cz)):
+        out[:, a] = np.bincount(i, weights=c, minlength=n)
     return out
+
+
+_CROWD_TABLES: dict = {}
+
+
+def _crowd_tables(r_in, k_in):
+    """(radius, stiffness) float32 (256,) tables, zero past the given types; cached by content."""
+    key = (r_in.tobytes(), k_in.tobytes())
+    tables = _CROWD_TABLES.get(key)
+    if tables is None:
+        radius = np.zeros(256, dtype=np.float32)
+        stiff = np.zeros(256, dtype=np.float32)
+        radius[: r_in.shape[0]] = r_in
+        stiff[: k_in.shape[0]] = k_in
+        radius.flags.writeable = stiff.flags.writeable = False  # shared: never written
+        if len(_CROWD_TABLES) >= 64:
+            _CROWD_TABLES.clear()
+        tables = _CROWD_TABLES[key] = (radius, stiff)
+    return tables
 
 
 def crowd_displacement(pop: Population, cl: CellList, radius_by_type, stiffness_by_type, dt: float):
@@ -356,12 +585,9 @@ def crowd_displacement(pop: Population, cl: CellList, radius_by_type, stiffness_
     # move_cells flags as FLAG_BAD_TYPE) does not crowd, and no lookup reads past the tables.
     # Built on the host and put on the device once per content (device_constant): no copy and
     # no host wait inside the step.
-    radius = np.zeros(256, dtype=np.float32)
-    stiff = np.zeros(256, dtype=np.float32)
     r_in = np.asarray(pop.be.asnumpy(radius_by_type), dtype=np.float32).reshape(-1)[:256]
     k_in = np.asarray(pop.be.asnumpy(stiffness_by_type), dtype=np.float32).reshape(-1)[:256]
-    radius[: r_in.shape[0]] = r_in
-    stiff[: k_in.shape[0]] = k_in
+    radius, stiff = _crowd_tables(r_in, k_in)
     radius, stiff = device_constant(pop.be, radius), device_constant(pop.be, stiff)
     n = pop.n
     if pop.be.is_gpu:
