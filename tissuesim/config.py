@@ -106,6 +106,106 @@ class OutputConfig:
 
 
 @dataclass
+class CarProductConfig:
+    """A CAR-T product: the antigen its binder recognises (a new target is a config entry)."""
+
+    target: str = MISSING
+
+
+@dataclass
+class BloodConfig:
+    """Systemic compartment (MODEL.md section 4); see conf/config.yaml for units and sources."""
+
+    blood_volume_l: float = 5.0
+    body_weight_kg: float = 70.0
+    infusion_circulating_fraction: float = 0.3
+    car_t_doubling_days: float = 0.78
+    effector_half_life_days: float = 4.3
+    memory_fraction: float = 0.008
+    memory_half_life_days: float = 220.0
+    antigen_kd_per_ul: float = 10.0
+    exhaustion_days: float = 8.0
+    kill_per_car_t_per_ul_per_day: float = 0.02
+    b_cell_per_ul: float = 200.0
+    autoreactive_b_cell_per_ul: float = 10.0
+    b_cell_lifespan_days: float = 42.0
+    autoreactive_b_cell_growth_per_day: float = 0.05
+    extinction_per_ul: float = 2.0e-7
+    plasmablast_per_ul: float = 2.0
+    plasmablast_lifespan_days: float = 4.0
+    plasma_cell_per_ul: float = 50.0
+    plasma_cell_lifespan_days: float = 730.0
+    long_lived_antibody_fraction: float = 0.35
+    igg_half_life_days: float = 21.0
+    il6_baseline_pg_per_ml: float = 3.0
+    il6_half_life_hours: float = 1.0
+    il6_pg_per_ml_per_day_per_engaged_car_t: float = 30.0
+    crs_il6_thresholds_pg_per_ml: list[float] = field(default_factory=lambda: [20.0, 100.0, 500.0, 2000.0])
+    tocilizumab_blockade: float = 0.9
+    tocilizumab_half_life_days: float = 13.0
+    steroid_il6_reduction: float = 0.5
+    anti_car_growth_per_day: float = 0.06
+    anti_car_seed: float = 1.0e-3
+    allogeneic_factor: float = 5.0
+    anti_car_kill_per_day: float = 1.0
+    lymphodepletion_b_cell_fraction: float = 0.8
+    lymphodepletion_t_cell_fraction: float = 0.9
+    rituximab_plasma_volume_l: float = 3.0
+    rituximab_half_life_days: float = 20.0
+    rituximab_kill_per_day: float = 2.0
+    rituximab_ec50_ug_per_ml: float = 10.0
+    relapse_b_cell_fraction: float = 0.5
+    relapse_autoantibody_rise: float = 0.2
+
+
+@dataclass
+class BiologyConfig:
+    """Immunology rules (MODEL.md sections 3-4): antigens, CAR products, tissue rates, blood.
+
+    Keys carry their unit (``_per_day`` 1/d, ``_min`` minutes, ``_um`` um, ...); conf/config.yaml
+    gives each default's source or marks it a modelling choice.
+    """
+
+    antigens: dict[str, list[str]] = field(default_factory=dict)
+    car_products: dict[str, CarProductConfig] = field(default_factory=dict)
+    contact_radius_um: float = 10.0
+    kill_probability_per_contact: float = 0.2
+    handling_time_min: float = 25.0
+    exhaustion_kills: float = 20.0
+    anti_car_kill_probability_per_contact: float = 0.2
+    car_t_doubling_days: float = 0.78
+    stimulation_window_min: float = 1440.0
+    ifng_molecules_per_cell_per_s: float = 10.0
+    macrophage_activation_per_day: float = 2.0
+    macrophage_ifng_kd_nM: float = 0.1
+    macrophage_damage_activation_per_day: float = 0.05
+    macrophage_deactivation_per_day: float = 1.0
+    il6_pg_per_cell_per_hour: float = 1.0e-3
+    b_cell_activation_per_day: float = 0.5
+    b_cell_division_per_day: float = 0.0046
+    activated_b_cell_division_per_day: float = 0.0266
+    plasmablast_differentiation_per_day: float = 0.05
+    plasma_cell_differentiation_per_day: float = 0.02
+    igg_molecules_per_cell_per_s: float = 2000.0
+    autoantibody_baseline_nM: float = 1000.0
+    cxcl13_nM_per_min_per_damage: float = 0.01
+    cxcl10_nM_per_min: float = 0.05
+    cxcl10_ifng_kd_nM: float = 0.1
+    damage_per_day_per_macrophage: float = 0.02
+    antibody_damage: bool = True
+    lifespan_days: dict[str, float] = field(default_factory=dict)
+    extravasation_per_ul_per_vessel_voxel_per_min: dict[str, float] = field(default_factory=dict)
+    intravasation_per_min: dict[str, float] = field(default_factory=dict)
+    inflammation_gain: float = 2.0
+    inflammation_il6_kd_pg_per_ml: float = 50.0
+    inflamed_volume_ml: float = 10.0
+    monocyte_per_ul: float = 400.0
+    anti_car_t_max_per_ul: float = 20.0
+    rituximab_tissue_penetration: float = 0.1
+    blood: BloodConfig = field(default_factory=BloodConfig)
+
+
+@dataclass
 class Config:
     """The whole run. Top-level keys are the contract of DESIGN.md section 4."""
 
@@ -121,6 +221,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     fields: dict[str, FieldConfig] = field(default_factory=dict)
     cells: dict[str, CellTypeConfig] = field(default_factory=dict)
+    biology: BiologyConfig = field(default_factory=BiologyConfig)
 
 
 def register_configs() -> None:
@@ -327,6 +428,26 @@ def validate(cfg: DictConfig | Config) -> None:
                 _fail(key, value, "must be a finite number")
             if leaf.endswith(_NONNEGATIVE_SUFFIXES) and value < 0 and leaf != "lymphodepletion_day":
                 _fail(key, value, "must be >= 0 (a length, time, rate or dose cannot be negative)")
+
+    bio = cfg.biology
+    for k in ("kill_probability_per_contact", "anti_car_kill_probability_per_contact"):
+        if not 0 <= bio[k] <= 1:
+            _fail(f"biology.{k}", bio[k], "allowed: 0..1 (a probability per contact)")
+    if not bio.exhaustion_kills > 0:
+        _fail("biology.exhaustion_kills", bio.exhaustion_kills, "must be > 0 kills")
+    for p in bio.car_products:
+        if p not in ("cd19_car_t", "bcma_car_t"):
+            _fail(f"biology.car_products.{p}", p, "allowed: a CAR-T cell type (cd19_car_t, bcma_car_t)")
+    for i, inf in enumerate(t.infusions):
+        if inf.product != "rituximab" and inf.product not in bio.car_products:
+            _fail(
+                f"therapy.infusions[{i}].product",
+                inf.product,
+                f"no biology.car_products entry; known: {', '.join(bio.car_products)}",
+            )
+    th = list(bio.blood.crs_il6_thresholds_pg_per_ml)
+    if len(th) != 4 or th != sorted(th):
+        _fail("biology.blood.crs_il6_thresholds_pg_per_ml", th, "four ascending pg/mL values (grades 1..4)")
 
     if cfg.tissue.name not in TISSUE_SCHEMAS:
         _fail("tissue.name", cfg.tissue.name, f"allowed: {', '.join(sorted(TISSUE_SCHEMAS))}")

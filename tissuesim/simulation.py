@@ -1,7 +1,9 @@
 """The Simulation: state (grid, tissue, fields, cells, blood, clock) and the step loop.
 
 One step of ``dt_min`` minutes runs, in this order (DESIGN.md section 2, one direction only):
-therapy events -> blood -> cells sense fields and move -> fields react and diffuse -> clock.
+therapy events -> blood ODE and arrivals from blood -> cells sense fields and move -> contacts
+(kill, engage) -> deaths, divisions, differentiation -> exits into blood -> secretion sources ->
+fields react and diffuse -> clock (tissuesim.biology.immunology holds the biology).
 The loop never reads device memory inside a step; counts and readouts are copied to the host
 only at output intervals (timeseries rows and snapshots), which are whole numbers of steps.
 
@@ -24,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tissuesim import provenance
 from tissuesim.analysis.readouts import compute_readouts
 from tissuesim.backend import Backend, select_backend
-from tissuesim.biology.therapy import Event, scheduled_events
+from tissuesim.biology.therapy import Event, infusion_event, scheduled_events
 from tissuesim.config import validate
 from tissuesim.grid import Grid
 from tissuesim.units import days
@@ -83,6 +85,9 @@ class Simulation:
         self._build_cells()
         self.pending_events: list[Event] = scheduled_events(cfg.therapy)
         self.event_log: list[Event] = []
+        # Infusions given when relapse is detected (but not before their day).
+        self.relapse_infusions = [inf for inf in cfg.therapy.infusions if inf.trigger == "relapse"]
+        self._build_biology()
 
     # ---------------------------------------------------------------------------------------
     # construction
@@ -168,6 +173,13 @@ class Simulation:
         init_velocity(self.cells, self.motility, self.grid.ndim, self.seed)
         self.open_mask = self.xp.asarray(self.tissue.open_mask())
 
+    def _build_biology(self) -> None:
+        from tissuesim.biology.immunology import Immunology
+
+        self.immunology = Immunology(self)
+        self.blood = self.immunology.blood
+        self._crs_max_since_row = 0
+
     # ---------------------------------------------------------------------------------------
     # the clock
     @property
@@ -181,8 +193,15 @@ class Simulation:
     def step(self) -> None:
         """Advance one step of dt_min minutes."""
         self._apply_events()
+        imm = self.immunology
+        for what in imm.before_move(self.step_count, self.dt_min):
+            self._log_event(Event(self.blood.day, what, "CRS grade 2 reached"))
+        self._check_relapse()
         self._move_cells()
-        self.fields.step(self.dt_min, c_blood=self.c_blood)
+        imm.after_move(self.step_count, self.dt_min)
+        self._crs_max_since_row = max(self._crs_max_since_row, self.blood.crs_grade())
+        self.c_blood = self.xp.asarray(imm.c_blood(self.fields.names, self.fields.values.dtype))
+        self.fields.step(self.dt_min, source=imm.source, c_blood=self.c_blood)
         self.step_count += 1
 
     def _apply_events(self) -> None:
@@ -190,9 +209,48 @@ class Simulation:
         t_end = (self.step_count + 1) * self.dt_min / days
         while self.pending_events and self.pending_events[0].day < t_end - 1e-12:
             ev = self.pending_events.pop(0)
-            self.event_log.append(ev)
-            if self._writer is not None:
-                self._writer.write_event(ev.day, ev.what, ev.detail)
+            self._act(ev)
+            self._log_event(ev)
+
+    def _act(self, ev: Event) -> None:
+        """Apply a therapy event to the blood compartment."""
+        if ev.what == "lymphodepletion":
+            self.blood.lymphodeplete()
+        elif ev.what.startswith("infuse_"):
+            if ev.product is None:
+                # an event restored from a checkpoint keeps (day, what, detail): find its infusion
+                product = ev.what[len("infuse_") :]
+                inf = next(
+                    (
+                        i
+                        for i in self.cfg.therapy.infusions
+                        if i.product == product and (i.trigger == "relapse" or abs(i.day - ev.day) < 1e-9)
+                    ),
+                    None,
+                )
+                if inf is None:
+                    raise ValueError(f"event {ev.what} on day {ev.day}: no such infusion in therapy")
+                ev = infusion_event(inf, ev.day)
+            self.blood.infuse(ev.product, ev.dose_per_kg, ev.allogeneic)
+
+    def _log_event(self, ev: Event) -> None:
+        self.event_log.append(ev)
+        if self._writer is not None:
+            self._writer.write_event(ev.day, ev.what, ev.detail)
+
+    def _check_relapse(self) -> None:
+        """Give relapse-triggered infusions once relapse is detected and their day is reached."""
+        if not self.relapse_infusions or not self.blood.relapse:
+            return
+        # after a restart from a checkpoint, those already given are in the event log
+        given = {e.what for e in self.event_log if e.detail.endswith("(relapse detected)")}
+        self.relapse_infusions = [i for i in self.relapse_infusions if f"infuse_{i.product}" not in given]
+        day = self.blood.day
+        for inf in [i for i in self.relapse_infusions if day >= i.day - 1e-12]:
+            self.relapse_infusions.remove(inf)
+            ev = infusion_event(inf, day, " (relapse detected)")
+            self._act(ev)
+            self._log_event(ev)
 
     def _move_cells(self) -> None:
         from tissuesim.agents import move
@@ -227,7 +285,16 @@ class Simulation:
         return {"state": "u1", "age_min": "f4"}
 
     def timeseries_names(self) -> list[str]:
-        return [f"count_{t}" for t in self.cell_types] + [f"mean_{n}" for n in self.fields.names]
+        blood = [f"blood_{p}_per_ul" for p in self.blood.products]
+        blood += [
+            "blood_b_cell_per_ul",
+            "serum_autoantibody_rel",
+            "serum_il6_pg_per_ml",
+            "crs_grade",
+            "relapse",
+        ]
+        blood += [f"anti_car_response_{p}" for p in self.blood.products]
+        return [f"count_{t}" for t in self.cell_types] + [f"mean_{n}" for n in self.fields.names] + blood
 
     def provenance(self, config_yaml: str) -> dict:
         return {
@@ -255,6 +322,18 @@ class Simulation:
         row = {"time": self.day}
         row.update({f"count_{t}": float(c) for t, c in self._counts.items()})
         row.update({f"mean_{n}": float(m) for n, m in zip(self.fields.names, means)})
+        b = self.blood
+        for p in b.products:
+            row[f"blood_{p}_per_ul"] = b.car_t_per_ul(p)
+        row["blood_b_cell_per_ul"] = b.b_cell_per_ul()
+        row["serum_autoantibody_rel"] = b.y["ab"]
+        row["serum_il6_pg_per_ml"] = b.y["il6"]
+        # the highest grade since the last row, so a short CRS peak between rows is not missed
+        row["crs_grade"] = float(max(self._crs_max_since_row, b.crs_grade()))
+        self._crs_max_since_row = 0
+        row["relapse"] = float(b.relapse)
+        for p in b.products:
+            row[f"anti_car_response_{p}"] = b.y[f"R_{p}"]
         self._ts_rows.append(row)
         if writer is not None:
             writer.write_timeseries(self.day, row)

@@ -57,11 +57,18 @@ class TherapyConfig:
 
 @dataclass(frozen=True)
 class Event:
-    """A dated therapy event. day in days; what: a short tag; detail: free text."""
+    """A dated therapy event. day in days; what: a short tag; detail: free text.
+
+    product, dose_per_kg, allogeneic : the infusion an ``infuse_<product>`` event gives (None
+    for other events); the simulation applies them to the blood compartment.
+    """
 
     day: float
     what: str
     detail: str = ""
+    product: str | None = None
+    dose_per_kg: float = 0.0
+    allogeneic: bool = False
 
 
 def scheduled_events(therapy) -> list[Event]:
@@ -77,6 +84,18 @@ def scheduled_events(therapy) -> list[Event]:
             Event(first + therapy.lymphodepletion_day, "lymphodepletion", "fludarabine/cyclophosphamide")
         )
     for inf in fixed:
-        kind = "allogeneic " if inf.allogeneic else ""
-        events.append(Event(float(inf.day), f"infuse_{inf.product}", f"{kind}{inf.dose_per_kg:g} per kg"))
+        events.append(infusion_event(inf, float(inf.day)))
     return sorted(events, key=lambda e: (e.day, e.what))
+
+
+def infusion_event(inf, day: float, note: str = "") -> Event:
+    """The event of giving infusion ``inf`` (InfusionConfig) on ``day``."""
+    kind = "allogeneic " if inf.allogeneic else ""
+    return Event(
+        day,
+        f"infuse_{inf.product}",
+        f"{kind}{inf.dose_per_kg:g} per kg{note}",
+        product=str(inf.product),
+        dose_per_kg=float(inf.dose_per_kg),
+        allogeneic=bool(inf.allogeneic),
+    )

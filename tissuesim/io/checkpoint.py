@@ -73,6 +73,8 @@ def capture(sim) -> tuple[dict[str, np.ndarray], dict]:
         "pair_capacity": int(getattr(sim.cells, "pair_capacity", 0)),
         "pending_events": [[e.day, e.what, e.detail] for e in sim.pending_events],
         "event_log": [[e.day, e.what, e.detail] for e in sim.event_log],
+        # highest CRS grade since the last timeseries row (the row reports the maximum between rows)
+        "crs_max_since_row": float(getattr(sim, "_crs_max_since_row", 0)),
     }
     for cname, obj in _components(sim).items():
         if hasattr(obj, "meta_dict"):
@@ -111,6 +113,8 @@ def restore(sim, arrays: dict[str, np.ndarray], meta: dict) -> None:
         if hasattr(obj, "load_meta_dict") and f"meta.{cname}" in meta:
             obj.load_meta_dict(meta[f"meta.{cname}"])
     sim.step_count = int(meta["step"])
+    if hasattr(sim, "_crs_max_since_row"):
+        sim._crs_max_since_row = meta.get("crs_max_since_row", 0)
     sim.pending_events = [Event(float(d), w, t) for d, w, t in meta["pending_events"]]
     sim.event_log = [Event(float(d), w, t) for d, w, t in meta["event_log"]]
     sim.last_snapshot_step = sim.step_count

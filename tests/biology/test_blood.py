@@ -1,0 +1,186 @@
+"""Blood ODEs against analytic solutions, CRS thresholds, therapy events, patch scaling."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+import tissuesim
+from tissuesim.biology.blood import Blood, crs_grade
+from tissuesim.biology.immunology import plain
+
+CFG = tissuesim.load_config(["grid=tiny", "backend=numpy", "output.progress=false"])
+BLOOD = plain(CFG.biology.blood)
+THERAPY = plain(CFG.therapy)
+
+
+def _blood(**over):
+    return Blood(dataclasses.replace(BLOOD, **over), {"cd19_car_t": "NO_SUCH_ANTIGEN"}, None)
+
+
+def _run(b, days, dt_min=10.0):
+    """Advance exactly ``days`` in steps of about dt_min minutes."""
+    n = max(1, round(days * 1440 / dt_min))
+    for _ in range(n):
+        b.advance(days * 1440 / n)
+
+
+def test_effector_car_t_decay_with_their_half_life_without_antigen():
+    b = _blood(memory_fraction=0.0)
+    b.infuse("cd19_car_t", 1e6)
+    e0 = b.car_t_per_ul("cd19_car_t")
+    assert e0 == pytest.approx(1e6 * 70 / 5e6 * BLOOD.infusion_circulating_fraction)
+    _run(b, BLOOD.effector_half_life_days)
+    assert b.car_t_per_ul("cd19_car_t") / e0 == pytest.approx(0.5, rel=1e-7)
+
+
+def test_memory_fraction_follows_the_two_exponential_solution():
+    b = _blood()
+    b.infuse("cd19_car_t", 1e6)
+    e0 = b.y["E_cd19_car_t"]
+    de, dm, mu = math.log(2) / 4.3, math.log(2) / 220.0, BLOOD.memory_fraction
+    t = 30.0
+    _run(b, t)
+    m = mu * de * e0 * (math.exp(-dm * t) - math.exp(-de * t)) / (de - dm)
+    assert b.y["M_cd19_car_t"] == pytest.approx(m, rel=1e-6)
+    # long after: about memory_fraction of the dose remains (Stein 2019: ~0.8 %)
+    assert b.y["M_cd19_car_t"] / e0 == pytest.approx(mu, rel=0.15)
+
+
+def test_autoantibody_excess_decays_with_igg_half_life():
+    b = _blood()
+    b.y["ab"] = 2.0  # plasma cells at baseline: the excess over 1 decays with t1/2 = 21 d
+    _run(b, 21.0, dt_min=60.0)
+    assert b.y["ab"] - 1.0 == pytest.approx(0.5, rel=1e-6)
+
+
+def test_baseline_is_a_steady_state():
+    b = Blood(BLOOD, {"cd19_car_t": "CD19", "bcma_car_t": "BCMA"}, None)
+    y0 = dict(b.y)
+    _run(b, 60.0, dt_min=60.0)
+    for k, v in y0.items():
+        assert b.y[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+
+
+def test_crs_grade_thresholds():
+    th = BLOOD.crs_il6_thresholds_pg_per_ml  # 20, 100, 500, 2000 pg/mL
+    il6 = [0, 19.9, 20, 99, 100, 499, 500, 1999, 2000, 1e5]
+    assert list(crs_grade(il6, th)) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_tocilizumab_given_at_grade_2_blocks_the_il6_effect():
+    ther = dataclasses.replace(THERAPY, crs_management="tocilizumab")
+    b = Blood(BLOOD, {"cd19_car_t": "CD19"}, ther)
+    b.y["il6"] = 150.0  # grade 2
+    ev = b.advance(1.0)
+    assert ev == ["tocilizumab"]
+    assert b.crs_grade() == crs_grade(
+        b.y["il6"] * (1 - BLOOD.tocilizumab_blockade), BLOOD.crs_il6_thresholds_pg_per_ml
+    )
+    assert b.crs_grade() < 2
+    none = Blood(BLOOD, {"cd19_car_t": "CD19"}, dataclasses.replace(THERAPY, crs_management="none"))
+    none.y["il6"] = 150.0
+    assert none.advance(1.0) == [] and none.crs_grade() == 2
+
+
+def test_rituximab_decays_with_its_half_life_and_depletes_b_cells():
+    b = Blood(BLOOD, {"cd19_car_t": "CD19"}, None)
+    add = b.infuse("rituximab", 1000.0 / 70.0)
+    assert add == pytest.approx(1000e3 / 3000.0)  # 1000 mg in 3 L plasma = 333 ug/mL
+    _run(b, 20.0, dt_min=60.0)
+    assert b.y["rtx"] / add == pytest.approx(0.5, rel=1e-6)
+    assert b.b_cell_per_ul() < 0.05 * BLOOD.b_cell_per_ul
+
+
+def test_lymphodepletion_removes_its_fraction_of_b_cells():
+    b = Blood(BLOOD, {"cd19_car_t": "CD19"}, None)
+    b.lymphodeplete()
+    assert b.b_cell_per_ul() == pytest.approx(
+        BLOOD.b_cell_per_ul * (1 - BLOOD.lymphodepletion_b_cell_fraction)
+    )
+
+
+def test_anti_car_response_rises_faster_for_immunogenic_and_allogeneic_products():
+    def r_after(imm, allo, days=120.0):
+        b = Blood(BLOOD, {"cd19_car_t": "NONE"}, dataclasses.replace(THERAPY, binder_immunogenicity=imm))
+        b.infuse("cd19_car_t", 1e6, allogeneic=allo)
+        _run(b, days, dt_min=120.0)
+        return b.y["R_cd19_car_t"]
+
+    assert r_after(0.0, False) == 0.0
+    low, high, allo = r_after(0.3, False), r_after(0.8, False), r_after(0.3, True)
+    assert low < high and low < allo
+    # logistic solution R = 1 / (1 + (1/R0 - 1) exp(-g t)), g = growth x immunogenicity
+    g = BLOOD.anti_car_growth_per_day * 0.8
+    r0 = BLOOD.anti_car_seed
+    assert high == pytest.approx(1 / (1 + (1 / r0 - 1) * math.exp(-g * 120.0)), rel=1e-4)
+
+
+def test_patch_scaling_conserves_cells_crossing_vessel_walls(monkeypatch):
+    sim = tissuesim.Simulation(tissuesim.load_config(["grid=tiny", "backend=numpy", "therapy=none"]))
+    imm = sim.immunology
+    monkeypatch.setattr(imm.blood, "advance", lambda dt: [])  # exchange only
+    b_type = sim.cell_types.index("b_cell")
+    v_ul = imm.bio.blood.blood_volume_l * 1e6
+
+    def body_b_cells():
+        n_patch = int(np.sum(sim.cells.type[: sim.cells.n] == b_type))
+        return imm.blood.b_cell_per_ul() * v_ul + n_patch * imm.patch_equivalents, n_patch
+
+    total0, _ = body_b_cells()
+    arrived = 0
+    for step in range(3000):
+        before = sim.cells.n
+        imm.before_move(step, 10.0)
+        arrived += int(np.sum(sim.cells.type[before : sim.cells.n] == b_type))
+        imm.exits(step, 10.0)
+    total1, _ = body_b_cells()
+    assert total1 == pytest.approx(total0, rel=1e-9)
+    # arrivals: Poisson with mean rate x concentration x vessel voxels x dt x inflammation
+    mean = (
+        imm.table.extravasation[b_type]
+        * imm.blood.b_cell_per_ul()
+        * imm.n_sites
+        * 10.0
+        * 3000
+        * imm.inflammation_factor()
+    )
+    assert abs(arrived - mean) < 5 * math.sqrt(mean), (arrived, mean)
+
+
+def test_relapse_detector_needs_depletion_b_cell_return_and_autoantibody_rise():
+    b = Blood(BLOOD, {"cd19_car_t": "CD19"}, None)
+    b.treated = True
+    b.y["b_naive"], b.y["b_auto"] = 1.0, 0.0  # depleted
+    b._detect_relapse()
+    b.y["ab"] = 0.3  # nadir
+    b._detect_relapse()
+    assert b.depleted and not b.relapse
+    b.y["b_naive"] = 0.6 * BLOOD.b_cell_per_ul  # B cells back, autoantibody still at its nadir
+    b._detect_relapse()
+    assert not b.relapse
+    b.y["ab"] = 0.3 * (1 + BLOOD.relapse_autoantibody_rise) * 1.01
+    b._detect_relapse()
+    assert b.relapse
+
+
+def test_relapse_triggers_the_second_infusion_not_before_its_day_and_logs_it():
+    cfg = tissuesim.load_config(
+        ["grid=tiny", "backend=numpy", "therapy=cd19_then_bcma", "therapy.infusions.1.day=0.01"]
+    )
+    sim = tissuesim.Simulation(cfg)
+    sim.blood.relapse = True  # as if detected at once
+    for _ in range(10):  # 10 min < day 0.01 (14.4 min)
+        sim.step()
+    assert sim.blood.car_t_per_ul("bcma_car_t") == 0.0
+    for _ in range(10):
+        sim.step()
+    ev = [e for e in sim.event_log if e.what == "infuse_bcma_car_t"]
+    assert len(ev) == 1 and ev[0].day >= 0.01 and "relapse" in ev[0].detail
+    assert sim.blood.car_t_per_ul("bcma_car_t") > 0
+    for _ in range(5):
+        sim.step()
+    assert len([e for e in sim.event_log if e.what == "infuse_bcma_car_t"]) == 1

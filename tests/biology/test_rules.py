@@ -1,0 +1,178 @@
+"""Each tissue rule against its rate (NumPy backend, small synthetic populations)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import tissuesim
+from tissuesim.agents import Population, contacts
+from tissuesim.backend import NUMPY
+from tissuesim.biology import rules
+from tissuesim.biology.cells import build_cell_table, ifng_nM_per_min_per_cell, pg_per_ml_per_min_per_cell
+from tissuesim.biology.immunology import plain, poisson_small
+from tissuesim.grid import Grid
+from tissuesim.simulation import CELL_TYPES
+
+BIO = plain(tissuesim.load_config(["grid=tiny", "backend=numpy"]).biology)
+TABLE = build_cell_table(BIO, CELL_TYPES)
+CAR = CELL_TYPES.index("cd19_car_t")
+B = CELL_TYPES.index("b_cell")
+PC = CELL_TYPES.index("plasma_cell")
+
+
+def _pop(n_pairs, spacing=40.0, sep=5.0, target=B):
+    """n_pairs CAR-T/target pairs sep um apart, pairs spacing um apart on a square lattice."""
+    side = math.ceil(math.sqrt(n_pairs))
+    grid = Grid((1, side * 4, side * 4), 10.0)
+    pop = Population(NUMPY, capacity=2 * n_pairs + 8)
+    for name, dt, fill in (
+        ("busy_until", np.float32, 0.0),
+        ("last_kill", np.float32, -1e30),
+        ("kills", np.int32, 0),
+    ):
+        pop.register(name, dt, fill)
+    k = np.arange(n_pairs)
+    base = np.stack([(k % side) * spacing + 5.0, (k // side) * spacing + 5.0, np.full(n_pairs, 5.0)], 1)
+    pop.add(base, CAR)
+    pop.add(base + np.array([sep, 0.0, 0.0]), target)
+    return pop, grid
+
+
+def _kill(pop, grid, now, step=0, seed=1):
+    pairs = contacts(pop, BIO.contact_radius_um, [CAR], None, grid=grid)
+    return rules.contact_kills(
+        pop, pairs, TABLE.can_kill, TABLE.kill_p, now, BIO.handling_time_min, BIO.exhaustion_kills, step, seed
+    )
+
+
+def test_kills_per_contact_follow_the_kill_probability():
+    n = 5000
+    pop, grid = _pop(n)
+    dead, engaged = _kill(pop, grid, now=0.0)
+    assert engaged.size == n  # every CAR-T claimed its one target
+    p = BIO.kill_probability_per_contact
+    k = int(dead.sum())
+    assert abs(k - n * p) < 4 * math.sqrt(n * p * (1 - p)), (k, n * p)
+    assert int(pop["kills"][:n].sum()) == k
+
+
+def test_exhaustion_lowers_the_kill_probability_by_exp_minus_kills():
+    n = 5000
+    pop, grid = _pop(n)
+    pop["kills"][:n] = int(BIO.exhaustion_kills)  # one e-fold
+    dead, _ = _kill(pop, grid, now=0.0, seed=7)
+    p = BIO.kill_probability_per_contact * math.exp(-1.0)
+    assert abs(int(dead.sum()) - n * p) < 4 * math.sqrt(n * p * (1 - p))
+
+
+def test_handling_time_blocks_new_claims_then_frees_the_killer():
+    pop, grid = _pop(50)
+    _kill(pop, grid, now=0.0)
+    _, engaged = _kill(pop, grid, now=BIO.handling_time_min - 1.0, step=1)
+    assert engaged.size == 0  # all still engaged
+    _, engaged = _kill(pop, grid, now=BIO.handling_time_min, step=2)
+    assert engaged.size == 50
+
+
+def test_car_t_does_not_kill_antigen_negative_cells():
+    pop, grid = _pop(200, target=PC)  # plasma cells are CD19-
+    dead, engaged = _kill(pop, grid, now=0.0)
+    assert engaged.size == 0 and not dead.any()
+
+
+def _fates(pop, dt, now, step, ifng=0.0, damage=0.0, rtx=0.0):
+    n = pop.n
+    u = [rules.rng.uniform(w) for w in rules.rng.draw(pop.id[:n], step, rules.PURPOSE_FATE, 0, 3)]
+    d = 1440.0
+    rates = {
+        "b_div": BIO.b_cell_division_per_day / d,
+        "b_div_act": BIO.activated_b_cell_division_per_day / d,
+        "car_div": math.log(2.0) / (BIO.car_t_doubling_days * d),
+        "stim_window": np.float32(1e9),
+        "b_act": BIO.b_cell_activation_per_day / d,
+        "pb_diff": BIO.plasmablast_differentiation_per_day / d,
+        "pc_diff": BIO.plasma_cell_differentiation_per_day / d,
+        "mac_ifng": BIO.macrophage_activation_per_day / d,
+        "mac_kd": BIO.macrophage_ifng_kd_nM,
+        "mac_damage": BIO.macrophage_damage_activation_per_day / d,
+        "mac_off": BIO.macrophage_deactivation_per_day / d,
+    }
+    idx = {k: CELL_TYPES.index(k) for k in ("b_cell", "plasmablast", "plasma_cell", "macrophage")}
+    car = np.zeros(len(CELL_TYPES), bool)
+    car[CAR] = True
+    return rules.cell_fates(
+        pop,
+        u,
+        dt,
+        now,
+        TABLE.death_per_min,
+        idx,
+        rates,
+        np.full(n, ifng),
+        np.full(n, damage),
+        rtx,
+        TABLE.carrying("CD20"),
+        car,
+    )
+
+
+def test_stimulated_car_t_double_every_0_78_days():
+    pop, _ = _pop(2000)
+    pop.remove(pop.type[: pop.n] != CAR)
+    pop["last_kill"][: pop.n] = 0.0
+    death = TABLE.death_per_min.copy()
+    TABLE.death_per_min[:] = 0.0  # isolate division
+    try:
+        dt, days = 10.0, 1.56
+        for s in range(int(days * 1440 / dt)):
+            _, divide = _fates(pop, dt, s * dt, s)
+            par = np.flatnonzero(divide)
+            pop.add(pop.position[par], CAR, last_kill=pop["last_kill"][par])
+    finally:
+        TABLE.death_per_min[:] = death
+    doubling = days / math.log2(pop.n / 2000)
+    # 2 doublings from 2000 cells: Poisson-like spread of log2 N is ~1/sqrt(N) ~ 2 %
+    assert doubling == pytest.approx(BIO.car_t_doubling_days, rel=0.05)
+
+
+def test_lifespan_deaths_follow_the_exponential_law():
+    n = 20000
+    pop = Population(NUMPY, capacity=n)
+    for name, dt, fill in (
+        ("busy_until", np.float32, 0.0),
+        ("last_kill", np.float32, -1e30),
+        ("kills", np.int32, 0),
+    ):
+        pop.register(name, dt, fill)
+    # anti-CAR T cells neither divide nor change state here: deaths alone
+    pop.add(np.full((n, 3), 5.0), CELL_TYPES.index("anti_car_t"))
+    dt = 60.0
+    tau = BIO.lifespan_days["anti_car_t"]
+    surv = {}
+    for s in range(int(tau * 24)):
+        dead, _ = _fates(pop, dt, s * dt, s)
+        pop.remove(dead)
+        if s + 1 == int(tau * 12):
+            surv[0.5] = pop.n / n
+    surv[1.0] = pop.n / n
+    for frac, got in surv.items():
+        p = math.exp(-frac)
+        assert abs(got - p) < 4 * math.sqrt(p * (1 - p) / n), (frac, got, p)
+
+
+def test_secretion_unit_conversions():
+    # 10 molecules/s, 10 um voxel = 1e-12 L: 10 * 60 / 6.022e23 mol/min / 1e-12 L = 0.996 nM/min
+    assert ifng_nM_per_min_per_cell(10.0, 1000.0) == pytest.approx(0.9963, rel=1e-3)
+    # 1e-3 pg/h into 1e-9 mL: 1e6 pg/mL/h = 16667 pg/mL/min
+    assert pg_per_ml_per_min_per_cell(1e-3, 1000.0) == pytest.approx(1e6 / 60, rel=1e-9)
+
+
+def test_poisson_small_mean_and_variance():
+    lam = np.array([0.01, 0.3, 2.0, 40.0])
+    draws = np.array([poisson_small(lam, 5, s) for s in range(20000)])
+    for j, m in enumerate(lam):
+        assert abs(draws[:, j].mean() - m) < 5 * math.sqrt(m / 20000)
+    assert draws[:, 2].var() == pytest.approx(2.0, rel=0.08)

@@ -1,0 +1,302 @@
+"""The systemic compartment (MODEL.md section 4): a small ODE system for one well-mixed blood pool.
+
+State (host float64 scalars; time in days inside the equations, the caller passes minutes):
+
+===========  ===============  =================================================================
+E[p], M[p]   cells/uL         effector and memory CAR-T of product p (e.g. cd19_car_t)
+R[p]         0..1             anti-CAR response against product p's binder
+X[p]         0..1             expansion capacity of product p (exhaustion with engagement)
+b_naive      cells/uL         naive B cells (marrow production, lifespan)
+b_auto       cells/uL         autoreactive memory B cells (self-renewing clone, logistic regrowth)
+pb           cells/uL-equiv.  body plasmablasts (made from autoreactive B), per uL of blood
+pc           cells/uL-equiv.  body long-lived plasma cells (from plasmablasts)
+ab           rel              serum autoantibody, 1 = baseline
+il6          pg/mL            serum IL-6
+rtx          ug/mL            serum rituximab
+===========  ===============  =================================================================
+
+Equations (per day; f_p = Ag_p / (Ag_p + K) with Ag_p the blood-equivalent antigen+ cells of
+product p's target, k = kill_per_car_t_per_ul_per_day, T_p = E_p + M_p)::
+
+    dE_p/dt = rho X_p f_p (E_p + M_p) - d_E (1 - X_p f_p) E_p - k_rej R_p E_p
+    dX_p/dt = -X_p f_p / tau_exh                 (a fresh dose mixes in at X = 1)
+    dM_p/dt = mu d_E (1 - X_p f_p) E_p - d_M M_p - k_rej R_p M_p
+    dR_p/dt = g_p R_p (1 - R_p)                  (after first exposure; g_p = growth x immunogenicity [x allo])
+    db_naive/dt = b0 / tau_B - b_naive / tau_B - kill_CD19(b_naive) - rtx_kill b_naive
+    db_auto/dt  = r_a b_auto (1 - b_auto / a0) - kill_CD19(b_auto) - rtx_kill b_auto
+    dpb/dt = pb0 / tau_pb * b_auto / a0 - pb / tau_pb - kill_CD19(pb) - kill_BCMA(pb)
+    dpc/dt = pc0 / tau_pc * pb / pb0 - pc / tau_pc - kill_BCMA(pc)
+    dab/dt = k_G [(1 - phi) pb / pb0 + phi pc / pc0] - k_G ab
+    dil6/dt = k_6 il6_0 + s_6 (1 - steroid) sum_p f_p T_p - k_6 il6
+    drtx/dt = -k_rtx rtx
+
+Memory cells divide on antigen into effectors (the rho f M term) and stay memory. Every
+baseline is a steady state, so without therapy nothing drifts. Stein 2019 gives the shape of the
+CAR-T curve (0.78 d doubling, effector t1/2 4.3 d, memory fraction 0.8 %, memory t1/2 220 d).
+
+Integration: classical RK4 over each step (dt = 1 min is ~1e-3 of the fastest rate, IL-6 at
+~17/d, so the error is far below any biological uncertainty); the autoreactive clone is set to 0
+below ``extinction_per_ul`` (< 1 cell in the body), after the step.
+
+Why on the host: the tissue draws its arrival counts on the host (rng.poisson_host) from these
+concentrations, so keeping ~15 scalars on the host avoids a device read per step.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+import numpy as np
+
+LN2 = math.log(2.0)
+MIN_PER_DAY = 1440.0
+
+
+def crs_grade(il6_effective_pg_per_ml, thresholds) -> np.ndarray:
+    """CRS grade 0..4 from effective serum IL-6 (pg/mL): the number of thresholds reached.
+
+    thresholds : ascending pg/mL at which grades 1, 2, 3, 4 begin (modelling choice, conf).
+    """
+    return np.searchsorted(np.asarray(thresholds, float), np.asarray(il6_effective_pg_per_ml, float), "right")
+
+
+class Blood:
+    """Blood ODEs for the CAR products ``products`` {name: target antigen}.
+
+    cfg : BloodConfig (conf ``biology.blood``); therapy : TherapyConfig (immunogenicity, CRS
+    management). The state is in ``self.y`` (dict name -> float, units as in the module table).
+    """
+
+    def __init__(self, cfg, products: dict[str, str], therapy=None):
+        self.cfg = cfg
+        self.products = dict(products)
+        self._thresholds = sorted(float(x) for x in cfg.crs_il6_thresholds_pg_per_ml)
+        self.immunogenicity = float(therapy.binder_immunogenicity) if therapy is not None else 0.0
+        crs = therapy.crs_management if therapy is not None else "none"
+        self.uses_tocilizumab = "tocilizumab" in crs
+        self.uses_steroids = "steroids" in crs
+        c = cfg
+        self.v_blood_ul = c.blood_volume_l * 1e6
+        self.rho = LN2 / c.car_t_doubling_days
+        self.d_e = LN2 / c.effector_half_life_days
+        self.d_m = LN2 / c.memory_half_life_days
+        self.k_g = LN2 / c.igg_half_life_days
+        self.k_6 = LN2 / (c.il6_half_life_hours / 24.0)
+        self.k_rtx = LN2 / c.rituximab_half_life_days
+        self.k_toci = LN2 / c.tocilizumab_half_life_days
+        y = {
+            "b_naive": c.b_cell_per_ul - c.autoreactive_b_cell_per_ul,
+            "b_auto": c.autoreactive_b_cell_per_ul,
+            "pb": c.plasmablast_per_ul,
+            "pc": c.plasma_cell_per_ul,
+            "ab": 1.0,
+            "il6": c.il6_baseline_pg_per_ml,
+            "rtx": 0.0,
+        }
+        for p in self.products:
+            y[f"E_{p}"] = 0.0
+            y[f"M_{p}"] = 0.0
+            y[f"R_{p}"] = 0.0
+            y[f"X_{p}"] = 1.0
+        self.y = y
+        self.names = list(y)
+        self.growth = {p: 0.0 for p in self.products}  # anti-CAR growth rate (1/d), set at exposure
+        self.toci_day: float | None = None  # day tocilizumab was given
+        self.steroid_day: float | None = None
+        self.day = 0.0
+        # relapse detector
+        self.depleted = False
+        self.ab_nadir = math.inf
+        self.relapse = False
+        self.treated = False
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The ODE state as float64 (k,) in the order of ``names`` (for io.checkpoint)."""
+        return {"y": np.array([self.y[n] for n in self.names], dtype=np.float64)}
+
+    def load_state_dict(self, d: dict) -> None:
+        if "y" in d:
+            self.y = {n: float(v) for n, v in zip(self.names, np.asarray(d["y"], dtype=np.float64))}
+
+    def meta_dict(self) -> dict:
+        """Scalars that are not ODE state: clock, treatment times, relapse detector."""
+        return {
+            "day": self.day,
+            "growth": dict(self.growth),
+            "toci_day": self.toci_day,
+            "steroid_day": self.steroid_day,
+            "depleted": self.depleted,
+            "ab_nadir": None if math.isinf(self.ab_nadir) else self.ab_nadir,
+            "relapse": self.relapse,
+            "treated": self.treated,
+        }
+
+    def load_meta_dict(self, m: dict) -> None:
+        self.day = float(m["day"])
+        self.growth.update({k: float(v) for k, v in m["growth"].items()})
+        self.toci_day = m["toci_day"]
+        self.steroid_day = m["steroid_day"]
+        self.depleted = bool(m["depleted"])
+        self.ab_nadir = math.inf if m["ab_nadir"] is None else float(m["ab_nadir"])
+        self.relapse = bool(m["relapse"])
+        self.treated = bool(m["treated"])
+
+    # ------------------------------------------------------------------ readouts
+    def car_t_per_ul(self, product: str) -> float:
+        return self.y[f"E_{product}"] + self.y[f"M_{product}"]
+
+    def b_cell_per_ul(self) -> float:
+        return self.y["b_naive"] + self.y["b_auto"]
+
+    def tocilizumab_blockade(self) -> float:
+        if self.toci_day is None:
+            return 0.0
+        return self.cfg.tocilizumab_blockade * math.exp(-self.k_toci * (self.day - self.toci_day))
+
+    def il6_effective(self) -> float:
+        """Serum IL-6 (pg/mL) that acts: tocilizumab blocks the receptor, not the cytokine."""
+        return self.y["il6"] * (1.0 - self.tocilizumab_blockade())
+
+    def crs_grade(self) -> int:
+        # bisect_right = the number of thresholds reached (same rule as crs_grade() above)
+        return bisect.bisect_right(self._thresholds, self.il6_effective())
+
+    def antigen_per_ul(self, antigen: str, y=None) -> float:
+        """Blood-equivalent cells/uL carrying ``antigen`` (CD19: B + plasmablasts; BCMA:
+        plasmablasts + plasma cells; CD20: B cells)."""
+        y = self.y if y is None else y
+        b = y["b_naive"] + y["b_auto"]
+        return {"CD19": b + y["pb"], "BCMA": y["pb"] + y["pc"], "CD20": b}.get(antigen, 0.0)
+
+    # ------------------------------------------------------------------ events
+    def infuse(self, product: str, dose_per_kg: float, allogeneic: bool = False) -> float:
+        """Add a CAR-T dose (cells/kg) or rituximab (mg/kg); returns the blood increment.
+
+        CAR-T: dose x weight / blood volume x circulating fraction (cells/uL). Rituximab:
+        dose x weight / plasma volume (ug/mL). Exposure starts the anti-CAR response.
+        """
+        c = self.cfg
+        if product == "rituximab":
+            add = dose_per_kg * c.body_weight_kg * 1e3 / (c.rituximab_plasma_volume_l * 1e3)  # ug/mL
+            self.y["rtx"] += add
+            self.treated = True
+            return add
+        if product not in self.products:
+            raise KeyError(f"unknown CAR product {product!r}; known: {sorted(self.products)}")
+        add = dose_per_kg * c.body_weight_kg / self.v_blood_ul * c.infusion_circulating_fraction
+        # Fresh cells have their full expansion capacity: mix it in by cell number.
+        t = self.car_t_per_ul(product)
+        self.y[f"X_{product}"] = (self.y[f"X_{product}"] * t + add) / (t + add)
+        self.y[f"E_{product}"] += add
+        g = c.anti_car_growth_per_day * self.immunogenicity * (c.allogeneic_factor if allogeneic else 1.0)
+        self.growth[product] = max(self.growth[product], g)
+        if self.y[f"R_{product}"] < c.anti_car_seed and g > 0:
+            self.y[f"R_{product}"] = c.anti_car_seed
+        self.treated = True
+        return add
+
+    def lymphodeplete(self) -> None:
+        c = self.cfg
+        keep_b = 1.0 - c.lymphodepletion_b_cell_fraction
+        self.y["b_naive"] *= keep_b
+        self.y["b_auto"] *= keep_b
+        for p in self.products:
+            self.y[f"R_{p}"] *= 1.0 - c.lymphodepletion_t_cell_fraction
+
+    def exchange(self, name: str, delta_cells_per_ul: float) -> None:
+        """Cells moved between blood and the patch (positive: into blood), in cells/uL."""
+        self.y[name] = max(0.0, self.y[name] + delta_cells_per_ul)
+
+    # ------------------------------------------------------------------ dynamics
+    def rhs(self, y: dict) -> dict:
+        """dy/dt (per day) at state y (dict of floats)."""
+        c = self.cfg
+        k = c.kill_per_car_t_per_ul_per_day
+        d = dict.fromkeys(y, 0.0)
+        kill_cd19 = 0.0  # per-capita kill rate (1/d) on CD19+ cells, summed over products
+        kill_bcma = 0.0
+        engaged = 0.0
+        for p, target in self.products.items():
+            e, m, r, x = y[f"E_{p}"], y[f"M_{p}"], y[f"R_{p}"], y[f"X_{p}"]
+            ag = self.antigen_per_ul(target, y)
+            f = ag / (ag + c.antigen_kd_per_ul)
+            g = x * f  # stimulation that still drives expansion
+            rej = c.anti_car_kill_per_day * r
+            d[f"E_{p}"] = self.rho * g * (e + m) - self.d_e * (1 - g) * e - rej * e
+            d[f"M_{p}"] = c.memory_fraction * self.d_e * (1 - g) * e - self.d_m * m - rej * m
+            # capacity is a property of the cells present: it only wears down while there are any
+            d[f"X_{p}"] = -x * f / c.exhaustion_days if e + m > 0 else 0.0
+            d[f"R_{p}"] = self.growth[p] * r * (1.0 - r)
+            t = e + m
+            engaged += f * t
+            if target == "CD19":
+                kill_cd19 += k * t
+            elif target == "BCMA":
+                kill_bcma += k * t
+        rtx = y["rtx"]
+        k_rtx = c.rituximab_kill_per_day * rtx / (rtx + c.rituximab_ec50_ug_per_ml) if rtx > 0 else 0.0
+        tau_b = c.b_cell_lifespan_days
+        b0n = c.b_cell_per_ul - c.autoreactive_b_cell_per_ul
+        a0, pb0, pc0 = c.autoreactive_b_cell_per_ul, c.plasmablast_per_ul, c.plasma_cell_per_ul
+        d["b_naive"] = (b0n - y["b_naive"]) / tau_b - (kill_cd19 + k_rtx) * y["b_naive"]
+        d["b_auto"] = (
+            c.autoreactive_b_cell_growth_per_day * y["b_auto"] * (1.0 - y["b_auto"] / a0)
+            - (kill_cd19 + k_rtx) * y["b_auto"]
+        )
+        tpb, tpc = c.plasmablast_lifespan_days, c.plasma_cell_lifespan_days
+        d["pb"] = pb0 / tpb * y["b_auto"] / a0 - y["pb"] / tpb - (kill_cd19 + kill_bcma) * y["pb"]
+        d["pc"] = pc0 / tpc * y["pb"] / pb0 - y["pc"] / tpc - kill_bcma * y["pc"]
+        phi = c.long_lived_antibody_fraction
+        d["ab"] = self.k_g * ((1 - phi) * y["pb"] / pb0 + phi * y["pc"] / pc0) - self.k_g * y["ab"]
+        steroid = c.steroid_il6_reduction if self.steroid_day is not None else 0.0
+        d["il6"] = (
+            self.k_6 * (c.il6_baseline_pg_per_ml - y["il6"])
+            + c.il6_pg_per_ml_per_day_per_engaged_car_t * (1 - steroid) * engaged
+        )
+        d["rtx"] = -self.k_rtx * rtx
+        return d
+
+    def advance(self, dt_min: float) -> list[str]:
+        """Advance by dt_min minutes (RK4); returns the names of events it triggered
+        ('tocilizumab', 'steroids') so the simulation can log them."""
+        h = dt_min / MIN_PER_DAY
+        y = self.y
+        k1 = self.rhs(y)
+        k2 = self.rhs({n: y[n] + 0.5 * h * k1[n] for n in y})
+        k3 = self.rhs({n: y[n] + 0.5 * h * k2[n] for n in y})
+        k4 = self.rhs({n: y[n] + h * k3[n] for n in y})
+        self.y = {n: max(0.0, y[n] + h / 6.0 * (k1[n] + 2 * k2[n] + 2 * k3[n] + k4[n])) for n in y}
+        if self.y["b_auto"] < self.cfg.extinction_per_ul:
+            self.y["b_auto"] = 0.0
+        self.day += h
+        events = []
+        # CRS management is given when CRS reaches grade 2 (the usual indication).
+        if self.crs_grade() >= 2:
+            if self.uses_tocilizumab and self.toci_day is None:
+                self.toci_day = self.day
+                events.append("tocilizumab")
+            if self.uses_steroids and self.steroid_day is None:
+                self.steroid_day = self.day
+                events.append("steroids")
+        self._detect_relapse()
+        return events
+
+    def _detect_relapse(self) -> None:
+        """Relapse: after a treatment, blood B cells were depleted (< 5 % of baseline) and came
+        back above relapse_b_cell_fraction of baseline, and serum autoantibody has risen by
+        relapse_autoantibody_rise above its post-treatment nadir. Latched once set."""
+        if not self.treated or self.relapse:
+            return
+        c = self.cfg
+        b = self.b_cell_per_ul()
+        if b < 0.05 * c.b_cell_per_ul:
+            self.depleted = True
+        self.ab_nadir = min(self.ab_nadir, self.y["ab"])
+        if (
+            self.depleted
+            and b > c.relapse_b_cell_fraction * c.b_cell_per_ul
+            and self.y["ab"] > (1.0 + c.relapse_autoantibody_rise) * self.ab_nadir
+        ):
+            self.relapse = True
