@@ -54,18 +54,15 @@ extern "C" __global__ void bin_keys(const float* __restrict__ pos, int n, float 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Contacts. Pairs (i, j), i != j, |x_i - x_j| < radius, type_i in src_mask, type_j in tgt_mask.
-// Order: i ascending; for each i the neighbour bins in (dz, dy, dx) lexicographic order from -1;
-// inside a bin j ascending. Pass 1 counts, an exclusive scan gives offsets, pass 2 writes.
-__device__ __forceinline__ int visit_pairs(int i, const float* __restrict__ pos, const unsigned char* __restrict__ type,
-                                           const int* __restrict__ order, const int* __restrict__ bstart,
-                                           const int* __restrict__ bend, float ox, float oy, float oz, float w,
-                                           int nbx, int nby, int nbz, float r2max, unsigned int tgt_mask,
-                                           i64 out_off, i64 cap, int* __restrict__ pi, int* __restrict__ pj,
-                                           unsigned int* flags) {
-    float xi = pos[3 * i], yi = pos[3 * i + 1], zi = pos[3 * i + 2];
+// The one neighbour traversal: every other cell j in the 3x3x3 bins around (xi, yi, zi), bins in
+// (dz, dy, dx) lexicographic order from -1, inside a bin in cell-list order. Contacts and crowding
+// both sum in this fixed order, which makes their results independent of thread scheduling.
+template <class Visit>
+__device__ __forceinline__ void for_each_neighbour(int i, float xi, float yi, float zi, const int* __restrict__ order,
+                                                   const int* __restrict__ bstart, const int* __restrict__ bend,
+                                                   float ox, float oy, float oz, float w, int nbx, int nby, int nbz,
+                                                   Visit&& visit) {
     int bx = bin_coord(xi, ox, w, nbx), by = bin_coord(yi, oy, w, nby), bz = bin_coord(zi, oz, w, nbz);
-    int count = 0;
     for (int dz = -1; dz <= 1; ++dz) {
         int cz = bz + dz;
         if (cz < 0 || cz >= nbz) continue;
@@ -78,26 +75,42 @@ __device__ __forceinline__ int visit_pairs(int i, const float* __restrict__ pos,
                 int b = (cz * nby + cy) * nbx + cx;
                 for (int s = bstart[b]; s < bend[b]; ++s) {
                     int j = order[s];
-                    if (j == i) continue;
-                    if (type[j] >= 32 || !((tgt_mask >> type[j]) & 1u)) continue;
-                    float ddx = pos[3 * j] - xi, ddy = pos[3 * j + 1] - yi, ddz = pos[3 * j + 2] - zi;
-                    float r2 = ddx * ddx + ddy * ddy + ddz * ddz;
-                    if (r2 < r2max) {
-                        if (pi != nullptr) {
-                            i64 o = out_off + count;
-                            if (o < cap) {
-                                pi[o] = i;
-                                pj[o] = j;
-                            } else {
-                                atomicOr(flags, FLAG_PAIR_OVERFLOW);
-                            }
-                        }
-                        ++count;
-                    }
+                    if (j != i) visit(j);
                 }
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Contacts. Pairs (i, j), i != j, |x_i - x_j| < radius, type_i in src_mask, type_j in tgt_mask.
+// Order: i ascending; for each i the neighbour bins in (dz, dy, dx) lexicographic order from -1;
+// inside a bin j ascending. Pass 1 counts, an exclusive scan gives offsets, pass 2 writes.
+__device__ __forceinline__ int visit_pairs(int i, const float* __restrict__ pos, const unsigned char* __restrict__ type,
+                                           const int* __restrict__ order, const int* __restrict__ bstart,
+                                           const int* __restrict__ bend, float ox, float oy, float oz, float w,
+                                           int nbx, int nby, int nbz, float r2max, unsigned int tgt_mask,
+                                           i64 out_off, i64 cap, int* __restrict__ pi, int* __restrict__ pj,
+                                           unsigned int* flags) {
+    float xi = pos[3 * i], yi = pos[3 * i + 1], zi = pos[3 * i + 2];
+    int count = 0;
+    for_each_neighbour(i, xi, yi, zi, order, bstart, bend, ox, oy, oz, w, nbx, nby, nbz, [&](int j) {
+        if (type[j] >= 32 || !((tgt_mask >> type[j]) & 1u)) return;
+        float ddx = pos[3 * j] - xi, ddy = pos[3 * j + 1] - yi, ddz = pos[3 * j + 2] - zi;
+        float r2 = ddx * ddx + ddy * ddy + ddz * ddz;
+        if (r2 < r2max) {
+            if (pi != nullptr) {
+                i64 o = out_off + count;
+                if (o < cap) {
+                    pi[o] = i;
+                    pj[o] = j;
+                } else {
+                    atomicOr(flags, FLAG_PAIR_OVERFLOW);
+                }
+            }
+            ++count;
+        }
+    });
     return count;
 }
 
@@ -148,44 +161,28 @@ extern "C" __global__ void crowd_displacement(const float* __restrict__ pos, con
     int ti = type[i];
     float ri = radius[ti], ki = stiff[ti];
     float ax = 0.0f, ay = 0.0f, az = 0.0f;
-    int bx = bin_coord(xi, ox, w, nbx), by = bin_coord(yi, oy, w, nby), bz = bin_coord(zi, oz, w, nbz);
     if (ri > 0.0f) {
-        for (int dz = -1; dz <= 1; ++dz) {
-            int cz = bz + dz;
-            if (cz < 0 || cz >= nbz) continue;
-            for (int dy = -1; dy <= 1; ++dy) {
-                int cy = by + dy;
-                if (cy < 0 || cy >= nby) continue;
-                for (int ddx = -1; ddx <= 1; ++ddx) {
-                    int cx = bx + ddx;
-                    if (cx < 0 || cx >= nbx) continue;
-                    int b = (cz * nby + cy) * nbx + cx;
-                    for (int s = bstart[b]; s < bend[b]; ++s) {
-                        int j = order[s];
-                        if (j == i) continue;
-                        int tj = type[j];
-                        float rj = radius[tj];
-                        if (rj <= 0.0f) continue;
-                        float R = ri + rj;
-                        float ux = xi - pos[3 * j], uy = yi - pos[3 * j + 1], uz = zi - pos[3 * j + 2];
-                        float r2 = ux * ux + uy * uy + uz * uz;
-                        if (r2 >= R * R) continue;
-                        float f = 0.5f * (ki + stiff[tj]) * dt;
-                        f = f < 1.0f ? f : 1.0f;
-                        if (r2 > 0.0f) {
-                            float r = sqrtf(r2);
-                            float m = f * 0.5f * (R - r) / r;
-                            ax += m * ux;
-                            ay += m * uy;
-                            az += m * uz;
-                        } else {
-                            float m = f * 0.5f * R;
-                            ax += id[i] < id[j] ? -m : m;
-                        }
-                    }
-                }
+        for_each_neighbour(i, xi, yi, zi, order, bstart, bend, ox, oy, oz, w, nbx, nby, nbz, [&](int j) {
+            int tj = type[j];
+            float rj = radius[tj];
+            if (rj <= 0.0f) return;
+            float R = ri + rj;
+            float ux = xi - pos[3 * j], uy = yi - pos[3 * j + 1], uz = zi - pos[3 * j + 2];
+            float r2 = ux * ux + uy * uy + uz * uz;
+            if (r2 >= R * R) return;
+            float f = 0.5f * (ki + stiff[tj]) * dt;
+            f = f < 1.0f ? f : 1.0f;
+            if (r2 > 0.0f) {
+                float r = sqrtf(r2);
+                float m = f * 0.5f * (R - r) / r;
+                ax += m * ux;
+                ay += m * uy;
+                az += m * uz;
+            } else {
+                float m = f * 0.5f * R;
+                ax += id[i] < id[j] ? -m : m;
             }
-        }
+        });
     }
     disp[3 * i] = ax;
     disp[3 * i + 1] = ay;
