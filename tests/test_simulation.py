@@ -213,3 +213,22 @@ def test_progress_bar_on_a_terminal_only(tmp_path):
     text = out.decode(errors="replace")
     assert proc.returncode == 0
     assert "steps/s," in text and "day 0.05/" in text and "macrophage=" in text, text[-500:]
+
+
+def test_device_flags_are_reported_at_output_time(caplog):
+    """A cell found inside a closed voxel raises a device flag that the timeseries row logs."""
+    import logging
+
+    sim = tissuesim.Simulation(tiny_cfg("duration_days=1"))
+    closed = np.argwhere(~sim.tissue.open_mask())
+    k, j, i = closed[len(closed) // 2]
+    centre = (np.array([i, j, k], dtype=np.float32) + 0.5) * sim.grid.dx
+    sim.cells.add(sim.xp.asarray(centre[None]), 0)
+    sim.step()
+    with caplog.at_level(logging.WARNING):
+        sim.record_timeseries()
+    assert any("closed voxel" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        sim.record_timeseries()  # read and cleared: reported once
+    assert not any("closed voxel" in r.getMessage() for r in caplog.records)

@@ -314,7 +314,12 @@ class Simulation:
         return dict(self._counts)
 
     def record_timeseries(self, writer=None) -> dict[str, float]:
-        """Read counts and field means back to the host (a sync point) and append a row."""
+        """Read counts and field means back to the host (a sync point) and append a row.
+
+        The cells' device flags (pair-buffer overflow, capped steps, cells found in closed voxels,
+        unknown types) are read here too, at output time only, and logged as warnings.
+        """
+        self.cells.check_flags()
         types = self.backend.asnumpy(self.cells.type[: self.cells.n])
         counts = np.bincount(types, minlength=len(self.cell_types))
         self._counts = {t: int(c) for t, c in zip(self.cell_types, counts)}
