@@ -44,18 +44,7 @@ from tissuesim.agents.neighbours import bin_keys_numpy, crowd_displacement
 from tissuesim.backend import NUMPY, Backend
 from tissuesim.grid import Grid
 
-KERNELS = {
-    "bin_keys",
-    "count_pairs",
-    "write_pairs",
-    "crowd_displacement",
-    "move_cells",
-    "claim_choose",
-    "claim_resolve",
-    "claim_commit",
-    "philox_fill",
-    "box_muller_fill",
-}
+KERNELS = set(K.KERNEL_NAMES)
 
 _PTR = {
     "float": np.float32,

@@ -15,16 +15,5 @@ def test_agents_cu_compiles(arch):
     nvrtc.getVersion()  # NVRTC is a required test dependency here: fail, do not skip
     cubin = bk.compile_cubin(K.FILENAME, arch, options=K.OPTIONS)
     assert len(cubin) > 1000
-    for name in (
-        "bin_keys",
-        "count_pairs",
-        "write_pairs",
-        "crowd_displacement",
-        "move_cells",
-        "claim_choose",
-        "claim_resolve",
-        "claim_commit",
-        "philox_fill",
-        "box_muller_fill",
-    ):
+    for name in K.KERNEL_NAMES:
         assert name.encode() in cubin, name

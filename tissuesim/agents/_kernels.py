@@ -8,6 +8,19 @@ FILENAME = "agents.cu"
 #: --fmad=false: no fused multiply-adds, so float arithmetic rounds as in the NumPy twins
 #: (only transcendental functions then differ, by an ulp).
 OPTIONS = ("--fmad=false",)
+#: Every extern "C" kernel of agents.cu (the tests build and compare each one).
+KERNEL_NAMES = (
+    "bin_keys",
+    "count_pairs",
+    "write_pairs",
+    "crowd_displacement",
+    "move_cells",
+    "claim_choose",
+    "claim_resolve",
+    "claim_commit",
+    "philox_fill",
+    "box_muller_fill",
+)
 BLOCK = 256
 
 # Device flag bits (same values as the #defines in agents.cu).
