@@ -118,33 +118,36 @@ class BloodConfig:
 
     blood_volume_l: float = 5.0
     body_weight_kg: float = 70.0
-    infusion_circulating_fraction: float = 0.3
+    infusion_circulating_fraction: float = 0.25
     car_t_doubling_days: float = 0.78
     effector_half_life_days: float = 4.3
     memory_fraction: float = 0.008
     memory_half_life_days: float = 220.0
     antigen_kd_per_ul: float = 10.0
-    exhaustion_days: float = 8.0
-    kill_per_car_t_per_ul_per_day: float = 0.02
+    exhaustion_days: float = 7.0
+    kill_per_car_t_per_ul_per_day: float = 0.05
     b_cell_per_ul: float = 200.0
     autoreactive_b_cell_per_ul: float = 10.0
     b_cell_lifespan_days: float = 42.0
-    autoreactive_b_cell_growth_per_day: float = 0.05
+    autoreactive_b_cell_growth_per_day: float = 0.18
     extinction_per_ul: float = 2.0e-7
+    autoreactive_niche_access: float = 0.6
+    disease_drive_hill: float = 2.0
+    disease_drive_half_rel: float = 0.6
     plasmablast_per_ul: float = 2.0
     plasmablast_lifespan_days: float = 4.0
     plasma_cell_per_ul: float = 50.0
     plasma_cell_lifespan_days: float = 730.0
-    long_lived_antibody_fraction: float = 0.35
+    long_lived_antibody_fraction: float = 0.3
     igg_half_life_days: float = 21.0
     il6_baseline_pg_per_ml: float = 3.0
     il6_half_life_hours: float = 1.0
-    il6_pg_per_ml_per_day_per_engaged_car_t: float = 30.0
+    il6_pg_per_ml_per_day_per_engaged_car_t: float = 60.0
     crs_il6_thresholds_pg_per_ml: list[float] = field(default_factory=lambda: [20.0, 100.0, 500.0, 2000.0])
     tocilizumab_blockade: float = 0.9
     tocilizumab_half_life_days: float = 13.0
     steroid_il6_reduction: float = 0.5
-    anti_car_growth_per_day: float = 0.06
+    anti_car_growth_per_day: float = 0.3
     anti_car_seed: float = 1.0e-3
     allogeneic_factor: float = 5.0
     anti_car_kill_per_day: float = 1.0
@@ -190,6 +193,7 @@ class BiologyConfig:
     autoantibody_baseline_nM: float = 1000.0
     cxcl13_nM_per_min_per_damage: float = 0.01
     cxcl10_nM_per_min: float = 0.05
+    cxcl10_nM_per_min_per_damage: float = 0.01
     cxcl10_ifng_kd_nM: float = 0.1
     damage_per_day_per_macrophage: float = 0.02
     antibody_damage: bool = True
@@ -413,6 +417,12 @@ def validate(cfg: DictConfig | Config) -> None:
             "therapy.binder_immunogenicity", t.binder_immunogenicity, "allowed: 0 (fully human) .. 1 (murine)"
         )
     for i, inf in enumerate(t.infusions):
+        if inf.binder_immunogenicity is not None and not 0 <= inf.binder_immunogenicity <= 1:
+            _fail(
+                f"therapy.infusions[{i}].binder_immunogenicity",
+                inf.binder_immunogenicity,
+                "allowed: 0..1 or null",
+            )
         if inf.product not in PRODUCTS:
             _fail(f"therapy.infusions[{i}].product", inf.product, f"allowed: {', '.join(PRODUCTS)}")
         if inf.trigger not in SECOND_DOSE_TRIGGERS:
@@ -445,6 +455,16 @@ def validate(cfg: DictConfig | Config) -> None:
                 inf.product,
                 f"no biology.car_products entry; known: {', '.join(bio.car_products)}",
             )
+    bl = bio.blood
+    if not bl.disease_drive_hill >= 1:
+        _fail("biology.blood.disease_drive_hill", bl.disease_drive_hill, "must be >= 1 (Hill exponent)")
+    if not 0 < bl.disease_drive_half_rel < 1:
+        _fail("biology.blood.disease_drive_half_rel", bl.disease_drive_half_rel, "allowed: 0 < K < 1 (rel)")
+    for k in ("autoreactive_b_cell_per_ul", "plasmablast_per_ul", "plasma_cell_per_ul"):
+        if not bl[k] > 0:
+            _fail(f"biology.blood.{k}", bl[k], "must be > 0 (the baseline each state is scaled by)")
+    if not bl.b_cell_per_ul > bl.autoreactive_b_cell_per_ul:
+        _fail("biology.blood.b_cell_per_ul", bl.b_cell_per_ul, "must exceed autoreactive_b_cell_per_ul")
     th = list(bio.blood.crs_il6_thresholds_pg_per_ml)
     if len(th) != 4 or th != sorted(th):
         _fail("biology.blood.crs_il6_thresholds_pg_per_ml", th, "four ascending pg/mL values (grades 1..4)")

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tissuesim import provenance
 from tissuesim.analysis.readouts import compute_readouts
 from tissuesim.backend import Backend, select_backend
-from tissuesim.biology.therapy import Event, infusion_event, scheduled_events
+from tissuesim.biology.therapy import Event, TherapySchedule
 from tissuesim.config import validate
 from tissuesim.grid import Grid
 from tissuesim.units import days
@@ -83,10 +83,9 @@ class Simulation:
         self._build_tissue()
         self._build_fields()
         self._build_cells()
-        self.pending_events: list[Event] = scheduled_events(cfg.therapy)
+        # Dated events and relapse-triggered infusions still to give (biology.therapy).
+        self.schedule = TherapySchedule(cfg.therapy)
         self.event_log: list[Event] = []
-        # Infusions given when relapse is detected (but not before their day).
-        self.relapse_infusions = [inf for inf in cfg.therapy.infusions if inf.trigger == "relapse"]
         self._build_biology()
 
     # ---------------------------------------------------------------------------------------
@@ -199,39 +198,23 @@ class Simulation:
         self._check_relapse()
         self._move_cells()
         imm.after_move(self.step_count, self.dt_min)
-        self._crs_max_since_row = max(self._crs_max_since_row, self.blood.crs_grade())
+        self._crs_max_since_row = max(self._crs_max_since_row, self.blood.step_grade)
         self.c_blood = self.xp.asarray(imm.c_blood(self.fields.names, self.fields.values.dtype))
         self.fields.step(self.dt_min, source=imm.source, c_blood=self.c_blood)
         self.step_count += 1
 
-    def _apply_events(self) -> None:
-        # Events whose day falls inside this step happen at its start (day 0 events before step 1).
-        t_end = (self.step_count + 1) * self.dt_min / days
-        while self.pending_events and self.pending_events[0].day < t_end - 1e-12:
-            ev = self.pending_events.pop(0)
-            self._act(ev)
-            self._log_event(ev)
+    @property
+    def pending_events(self) -> list[Event]:
+        return self.schedule.pending
 
-    def _act(self, ev: Event) -> None:
-        """Apply a therapy event to the blood compartment."""
-        if ev.what == "lymphodepletion":
-            self.blood.lymphodeplete()
-        elif ev.what.startswith("infuse_"):
-            if ev.product is None:
-                # an event restored from a checkpoint keeps (day, what, detail): find its infusion
-                product = ev.what[len("infuse_") :]
-                inf = next(
-                    (
-                        i
-                        for i in self.cfg.therapy.infusions
-                        if i.product == product and (i.trigger == "relapse" or abs(i.day - ev.day) < 1e-9)
-                    ),
-                    None,
-                )
-                if inf is None:
-                    raise ValueError(f"event {ev.what} on day {ev.day}: no such infusion in therapy")
-                ev = infusion_event(inf, ev.day)
-            self.blood.infuse(ev.product, ev.dose_per_kg, ev.allogeneic)
+    @pending_events.setter
+    def pending_events(self, events: list[Event]) -> None:
+        self.schedule.pending = list(events)
+
+    def _apply_events(self) -> None:
+        for ev in self.schedule.due((self.step_count + 1) * self.dt_min / days):
+            self.schedule.apply(ev, self.blood)
+            self._log_event(ev)
 
     def _log_event(self, ev: Event) -> None:
         self.event_log.append(ev)
@@ -240,16 +223,8 @@ class Simulation:
 
     def _check_relapse(self) -> None:
         """Give relapse-triggered infusions once relapse is detected and their day is reached."""
-        if not self.relapse_infusions or not self.blood.relapse:
-            return
-        # after a restart from a checkpoint, those already given are in the event log
-        given = {e.what for e in self.event_log if e.detail.endswith("(relapse detected)")}
-        self.relapse_infusions = [i for i in self.relapse_infusions if f"infuse_{i.product}" not in given]
-        day = self.blood.day
-        for inf in [i for i in self.relapse_infusions if day >= i.day - 1e-12]:
-            self.relapse_infusions.remove(inf)
-            ev = infusion_event(inf, day, " (relapse detected)")
-            self._act(ev)
+        for ev in self.schedule.on_relapse(self.blood.day, self.blood.relapse, self.event_log):
+            self.schedule.apply(ev, self.blood)
             self._log_event(ev)
 
     def _move_cells(self) -> None:
@@ -285,15 +260,8 @@ class Simulation:
         return {"state": "u1", "age_min": "f4"}
 
     def timeseries_names(self) -> list[str]:
-        blood = [f"blood_{p}_per_ul" for p in self.blood.products]
-        blood += [
-            "blood_b_cell_per_ul",
-            "serum_autoantibody_rel",
-            "serum_il6_pg_per_ml",
-            "crs_grade",
-            "relapse",
-        ]
-        blood += [f"anti_car_response_{p}" for p in self.blood.products]
+        """Timeseries columns: patch counts, field means, then the blood row (Blood.row)."""
+        blood = list(self.blood.row())
         return [f"count_{t}" for t in self.cell_types] + [f"mean_{n}" for n in self.fields.names] + blood
 
     def provenance(self, config_yaml: str) -> dict:
@@ -328,17 +296,10 @@ class Simulation:
         row.update({f"count_{t}": float(c) for t, c in self._counts.items()})
         row.update({f"mean_{n}": float(m) for n, m in zip(self.fields.names, means)})
         b = self.blood
-        for p in b.products:
-            row[f"blood_{p}_per_ul"] = b.car_t_per_ul(p)
-        row["blood_b_cell_per_ul"] = b.b_cell_per_ul()
-        row["serum_autoantibody_rel"] = b.y["ab"]
-        row["serum_il6_pg_per_ml"] = b.y["il6"]
+        row.update(b.row())
         # the highest grade since the last row, so a short CRS peak between rows is not missed
         row["crs_grade"] = float(max(self._crs_max_since_row, b.crs_grade()))
         self._crs_max_since_row = 0
-        row["relapse"] = float(b.relapse)
-        for p in b.products:
-            row[f"anti_car_response_{p}"] = b.y[f"R_{p}"]
         self._ts_rows.append(row)
         if writer is not None:
             writer.write_timeseries(self.day, row)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tissuesim
-from tissuesim.biology.blood import Blood, crs_grade
+from tissuesim.biology.blood import Blood, crs_grade, run_blood
 from tissuesim.biology.immunology import plain
 
 CFG = tissuesim.load_config(["grid=tiny", "backend=numpy", "output.progress=false"])
@@ -50,11 +50,56 @@ def test_memory_fraction_follows_the_two_exponential_solution():
     assert b.y["M_cd19_car_t"] / e0 == pytest.approx(mu, rel=0.15)
 
 
-def test_autoantibody_excess_decays_with_igg_half_life():
+def test_autoantibody_decays_with_igg_half_life_without_its_sources():
     b = _blood()
-    b.y["ab"] = 2.0  # plasma cells at baseline: the excess over 1 decays with t1/2 = 21 d
+    b.y.update(b_auto=0.0, pb=0.0, pc=0.0, ab=2.0)  # no secreting cells: pure IgG clearance
     _run(b, 21.0, dt_min=60.0)
-    assert b.y["ab"] - 1.0 == pytest.approx(0.5, rel=1e-6)
+    assert b.y["ab"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_disease_drive_is_one_at_baseline_and_its_threshold_is_k_squared():
+    b = _blood()
+    k = BLOOD.disease_drive_half_rel
+    assert b.disease_drive(1.0) == pytest.approx(1.0, rel=1e-12)
+    assert b.disease_drive(0.0) == 0.0
+    # h = 2: the fixed points of ab = D(ab) are 1 and K^2 (module docstring)
+    assert BLOOD.disease_drive_hill == 2.0
+    assert b.remission_threshold() == pytest.approx(k * k, rel=1e-9)
+    # another Hill exponent: the root found is a fixed point strictly between 0 and 1
+    b3 = _blood(disease_drive_hill=3.0, disease_drive_half_rel=0.7)
+    t3 = b3.remission_threshold()
+    assert 0 < t3 < 1 and b3.disease_drive(t3) == pytest.approx(t3, rel=1e-9)
+
+
+@pytest.mark.parametrize("side", [-1, 1])
+def test_the_autoimmune_loop_is_bistable_about_its_threshold(side):
+    """With B cells at baseline and every pool on its steady state for a given autoantibody
+    level, a level 10 % below the threshold runs down to remission and 10 % above returns to the
+    disease state: the property that makes lasting remission possible with B cells back."""
+    b = _blood()
+    ab = b.remission_threshold() * (1 + 0.1 * side)
+    d = b.disease_drive(ab)
+    b.y.update(ab=ab, pb=BLOOD.plasmablast_per_ul * d, pc=BLOOD.plasma_cell_per_ul * d)
+    _run(b, 6 * 365.0, dt_min=360.0)  # the way back is slow: plasma cells live ~2 years
+    if side < 0:
+        assert b.y["ab"] < 0.5 * ab
+    else:
+        assert b.y["ab"] > 0.9
+
+
+def test_run_blood_converges_with_the_step_at_fourth_order():
+    """RK4 on the coupled ODEs: the error of a 30-day CD19 course falls ~16x per halving of dt."""
+    cfg = tissuesim.load_config(["therapy=cd19"])
+    ref, _ = run_blood(cfg, 12.0, dt_min=0.75, every_days=12.0)
+    errs = []
+    for dt in (24.0, 12.0, 6.0):
+        ts, _ = run_blood(cfg, 12.0, dt_min=dt, every_days=12.0)
+        errs.append(abs(ts["blood_cd19_car_t_per_ul"][-1] - ref["blood_cd19_car_t_per_ul"][-1]))
+    orders = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
+    assert all(3.5 < o < 4.5 for o in orders), (errs, orders)
+    # 15 min (run_blood's default) is within 1e-6 relative of the 1-minute step of the simulation
+    a, _ = run_blood(cfg, 12.0, dt_min=15.0, every_days=12.0)
+    assert a["blood_cd19_car_t_per_ul"][-1] == pytest.approx(ref["blood_cd19_car_t_per_ul"][-1], rel=1e-6)
 
 
 def test_baseline_is_a_steady_state():

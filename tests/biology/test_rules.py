@@ -176,3 +176,32 @@ def test_poisson_small_mean_and_variance():
     for j, m in enumerate(lam):
         assert abs(draws[:, j].mean() - m) < 5 * math.sqrt(m / 20000)
     assert draws[:, 2].var() == pytest.approx(2.0, rel=0.08)
+
+
+def test_field_sources_from_tissue_damage_and_ifng():
+    """Chemokine and damage sources of Immunology._sources against their formulas."""
+    sim = tissuesim.Simulation(tissuesim.load_config(["grid=tiny", "backend=numpy", "therapy=none"]))
+    imm, f, bio = sim.immunology, sim.fields, sim.immunology.bio
+    sim.cells.remove(np.ones(sim.cells.n, dtype=bool))  # tissue sources only
+    rng_ = np.random.default_rng(1)
+    dmg = rng_.uniform(0, 0.5, f["damage"].shape).astype(f.values.dtype)
+    f["damage"][...] = dmg
+    f["ifng"][...] = 0
+    vox = np.zeros(0, dtype=np.int64)
+    none = np.zeros(0, dtype=bool)
+    imm._sources(vox, none, none)
+    src = {n: imm.source[f.index(n)] for n in f.names}
+    np.testing.assert_allclose(src["cxcl10"], bio.cxcl10_nM_per_min_per_damage * dmg, rtol=1e-6)
+    np.testing.assert_allclose(src["cxcl13"], bio.cxcl13_nM_per_min_per_damage * dmg, rtol=1e-6)
+    # autoantibody damage: repair rate x serum level x baseline damage map (no macrophage term)
+    want = imm.repair_per_min * imm.blood.y["ab"] * imm.damage0
+    np.testing.assert_allclose(src["damage"], want, rtol=1e-6)
+    assert not src["ifng"].any() and not src["il6"].any() and not src["autoantibody"].any()
+    # IFN-gamma adds its saturating CXCL10 induction
+    f["ifng"][...] = bio.cxcl10_ifng_kd_nM
+    imm._sources(vox, none, none)
+    np.testing.assert_allclose(
+        imm.source[f.index("cxcl10")],
+        bio.cxcl10_nM_per_min_per_damage * dmg + 0.5 * bio.cxcl10_nM_per_min,
+        rtol=1e-6,
+    )

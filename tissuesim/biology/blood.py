@@ -7,7 +7,7 @@ E[p], M[p]   cells/uL         effector and memory CAR-T of product p (e.g. cd19_
 R[p]         0..1             anti-CAR response against product p's binder
 X[p]         0..1             expansion capacity of product p (exhaustion with engagement)
 b_naive      cells/uL         naive B cells (marrow production, lifespan)
-b_auto       cells/uL         autoreactive memory B cells (self-renewing clone, logistic regrowth)
+b_auto       cells/uL         autoreactive memory B cells (recruited from naive B by the disease)
 pb           cells/uL-equiv.  body plasmablasts (made from autoreactive B), per uL of blood
 pc           cells/uL-equiv.  body long-lived plasma cells (from plasmablasts)
 ab           rel              serum autoantibody, 1 = baseline
@@ -22,21 +22,44 @@ product p's target, k = kill_per_car_t_per_ul_per_day, T_p = E_p + M_p)::
     dX_p/dt = -X_p f_p / tau_exh                 (a fresh dose mixes in at X = 1)
     dM_p/dt = mu d_E (1 - X_p f_p) E_p - d_M M_p - k_rej R_p M_p
     dR_p/dt = g_p R_p (1 - R_p)                  (after first exposure; g_p = growth x immunogenicity [x allo])
-    db_naive/dt = b0 / tau_B - b_naive / tau_B - kill_CD19(b_naive) - rtx_kill b_naive
-    db_auto/dt  = r_a b_auto (1 - b_auto / a0) - kill_CD19(b_auto) - rtx_kill b_auto
-    dpb/dt = pb0 / tau_pb * b_auto / a0 - pb / tau_pb - kill_CD19(pb) - kill_BCMA(pb)
+    db_naive/dt = (b0 - b_naive) / tau_B - kill_CD19(b_naive) - rtx_kill b_naive
+    db_auto/dt  = (a0 D(ab) b_naive / b0 - b_auto) / tau_A - kill_CD19(b_auto) - rtx_kill b_auto
+    dpb/dt = (pb0 b_auto / a0 - pb) / tau_pb - kill_CD19(pb) - kill_BCMA(pb)
     dpc/dt = pc0 / tau_pc * pb / pb0 - pc / tau_pc - kill_BCMA(pc)
     dab/dt = k_G [(1 - phi) pb / pb0 + phi pc / pc0] - k_G ab
     dil6/dt = k_6 il6_0 + s_6 (1 - steroid) sum_p f_p T_p - k_6 il6
     drtx/dt = -k_rtx rtx
+
+The disease drive D(ab) = ab^h (1 + K^h) / (ab^h + K^h), with D(1) = 1, closes the autoimmune
+loop: autoantibody damages tissue, damaged tissue releases autoantigen and inflammation, and
+those drive the autoreactive memory clone to renew itself and to make plasmablasts (modelling
+choice: antigen-driven activation with T-cell help is the usual account of persistent
+autoimmunity). While the clone is present its logistic renewal holds it at a0, so the steady
+states satisfy ab = pc/pc0 = pb/pb0 = D(ab): the disease state ab = 1 (stable, D'(1) =
+h K^h / (1 + K^h) < 1) and, for h = 2, the remission threshold ab* = K^2
+(``remission_threshold`` solves any h). The course after a therapy follows from two things:
+
+- When the autoreactive clone regrows, relative to the autoantibody level. CD19 CAR-T reach it
+  with ``autoreactive_niche_access`` of their blood killing rate (memory B cells in inflamed
+  tissue and lymphoid aggregates); below ``extinction_per_ul`` (fewer than one cell in the
+  body) it is gone for good, otherwise it regrows at autoreactive_b_cell_growth_per_day x
+  D(ab) once the CAR-T have waned. CAR-T that persist for months hold it down until the
+  autoantibody left by the dying long-lived plasma cells is below ab*: the clone comes back
+  quiescent, naive B cells return after 3-5 months, and remission lasts (most patients:
+  Mackensen 2022; Mueller 2024). An anti-CAR response that removes the CAR-T within weeks
+  lets the clone regrow while autoantibody is still above ab*, and the disease returns after
+  months (the seed patient, about nine months).
+- Whether autoantibody stays under ab*. BCMA CAR-T remove plasmablasts and plasma cells but not
+  the clone; once serum autoantibody has fallen below ab* the clone's plasmablast output
+  (proportional to D) runs down with it, and remission lasts with B cells present (the seed
+  patient after BCMA CAR-T).
 
 Memory cells divide on antigen into effectors (the rho f M term) and stay memory. Every
 baseline is a steady state, so without therapy nothing drifts. Stein 2019 gives the shape of the
 CAR-T curve (0.78 d doubling, effector t1/2 4.3 d, memory fraction 0.8 %, memory t1/2 220 d).
 
 Integration: classical RK4 over each step (dt = 1 min is ~1e-3 of the fastest rate, IL-6 at
-~17/d, so the error is far below any biological uncertainty); the autoreactive clone is set to 0
-below ``extinction_per_ul`` (< 1 cell in the body), after the step.
+~17/d, so the error is far below any biological uncertainty).
 
 Why on the host: the tissue draws its arrival counts on the host (rng.poisson_host) from these
 concentrations, so keeping ~15 scalars on the host avoids a device read per step.
@@ -85,6 +108,8 @@ class Blood:
         self.k_6 = LN2 / (c.il6_half_life_hours / 24.0)
         self.k_rtx = LN2 / c.rituximab_half_life_days
         self.k_toci = LN2 / c.tocilizumab_half_life_days
+        self._drive_h = float(c.disease_drive_hill)
+        self._drive_kh = float(c.disease_drive_half_rel) ** self._drive_h
         y = {
             "b_naive": c.b_cell_per_ul - c.autoreactive_b_cell_per_ul,
             "b_auto": c.autoreactive_b_cell_per_ul,
@@ -105,6 +130,7 @@ class Blood:
         self.toci_day: float | None = None  # day tocilizumab was given
         self.steroid_day: float | None = None
         self.day = 0.0
+        self.step_grade = 0  # CRS grade reached in the last step, before management
         # relapse detector
         self.depleted = False
         self.ab_nadir = math.inf
@@ -144,6 +170,22 @@ class Blood:
         self.treated = bool(m["treated"])
 
     # ------------------------------------------------------------------ readouts
+    def row(self) -> dict[str, float]:
+        """The blood columns of a timeseries row (names as in DESIGN.md section 5)."""
+        r = {f"blood_{p}_per_ul": self.car_t_per_ul(p) for p in self.products}
+        r["blood_b_cell_per_ul"] = self.b_cell_per_ul()
+        # the body's B lineage pools as blood equivalents (module table): what drives the disease
+        r["blood_autoreactive_b_cell_per_ul"] = self.y["b_auto"]
+        r["blood_plasmablast_per_ul"] = self.y["pb"]
+        r["blood_plasma_cell_per_ul"] = self.y["pc"]
+        r["serum_autoantibody_rel"] = self.y["ab"]
+        r["serum_il6_pg_per_ml"] = self.y["il6"]
+        r["crs_grade"] = float(self.crs_grade())
+        r["relapse"] = float(self.relapse)
+        for p in self.products:
+            r[f"anti_car_response_{p}"] = self.y[f"R_{p}"]
+        return r
+
     def car_t_per_ul(self, product: str) -> float:
         return self.y[f"E_{product}"] + self.y[f"M_{product}"]
 
@@ -170,12 +212,43 @@ class Blood:
         b = y["b_naive"] + y["b_auto"]
         return {"CD19": b + y["pb"], "BCMA": y["pb"] + y["pc"], "CD20": b}.get(antigen, 0.0)
 
+    def disease_drive(self, ab: float) -> float:
+        """D(ab) = ab^h (1 + K^h) / (ab^h + K^h): recruitment of autoreactive B cells by the
+        disease at serum autoantibody ``ab`` (rel), 1 at baseline (see the module docstring)."""
+        h, k = self._drive_h, self._drive_kh
+        if ab <= 0.0:
+            return 0.0
+        a = ab**h
+        return a * (1.0 + k) / (a + k)
+
+    def remission_threshold(self) -> float:
+        """The unstable steady state ab* of the autoimmune loop (rel; K^2 for h = 2).
+
+        Serum autoantibody relaxes towards D(ab) (B cells at baseline), so ab grows where
+        D(ab) > ab and shrinks where D(ab) < ab: the largest root below 1 where D - ab turns from
+        negative to positive is the threshold. Found by a scan and bisection; 0 if there is none
+        (the loop cannot run down while B cells are present)."""
+        xs = np.linspace(1e-9, 1.0 - 1e-6, 4001)
+        g = np.array([self.disease_drive(x) - x for x in xs])
+        idx = np.flatnonzero((g[:-1] < 0) & (g[1:] >= 0))
+        if idx.size == 0:
+            return 0.0
+        a, b = xs[idx[-1]], xs[idx[-1] + 1]
+        for _ in range(80):
+            m = 0.5 * (a + b)
+            a, b = (m, b) if self.disease_drive(m) - m < 0 else (a, m)
+        return 0.5 * (a + b)
+
     # ------------------------------------------------------------------ events
-    def infuse(self, product: str, dose_per_kg: float, allogeneic: bool = False) -> float:
+    def infuse(
+        self, product: str, dose_per_kg: float, allogeneic: bool = False, immunogenicity: float | None = None
+    ) -> float:
         """Add a CAR-T dose (cells/kg) or rituximab (mg/kg); returns the blood increment.
 
         CAR-T: dose x weight / blood volume x circulating fraction (cells/uL). Rituximab:
-        dose x weight / plasma volume (ug/mL). Exposure starts the anti-CAR response.
+        dose x weight / plasma volume (ug/mL). Exposure starts the anti-CAR response, growing at
+        anti_car_growth_per_day x immunogenicity (this infusion's, else the therapy's) [x the
+        allogeneic factor].
         """
         c = self.cfg
         if product == "rituximab":
@@ -190,7 +263,8 @@ class Blood:
         t = self.car_t_per_ul(product)
         self.y[f"X_{product}"] = (self.y[f"X_{product}"] * t + add) / (t + add)
         self.y[f"E_{product}"] += add
-        g = c.anti_car_growth_per_day * self.immunogenicity * (c.allogeneic_factor if allogeneic else 1.0)
+        imm = self.immunogenicity if immunogenicity is None else float(immunogenicity)
+        g = c.anti_car_growth_per_day * imm * (c.allogeneic_factor if allogeneic else 1.0)
         self.growth[product] = max(self.growth[product], g)
         if self.y[f"R_{product}"] < c.anti_car_seed and g > 0:
             self.y[f"R_{product}"] = c.anti_car_seed
@@ -241,12 +315,13 @@ class Blood:
         b0n = c.b_cell_per_ul - c.autoreactive_b_cell_per_ul
         a0, pb0, pc0 = c.autoreactive_b_cell_per_ul, c.plasmablast_per_ul, c.plasma_cell_per_ul
         d["b_naive"] = (b0n - y["b_naive"]) / tau_b - (kill_cd19 + k_rtx) * y["b_naive"]
+        drive = self.disease_drive(y["ab"])
         d["b_auto"] = (
-            c.autoreactive_b_cell_growth_per_day * y["b_auto"] * (1.0 - y["b_auto"] / a0)
-            - (kill_cd19 + k_rtx) * y["b_auto"]
+            c.autoreactive_b_cell_growth_per_day * drive * y["b_auto"] * (1.0 - y["b_auto"] / a0)
+            - c.autoreactive_niche_access * (kill_cd19 + k_rtx) * y["b_auto"]
         )
         tpb, tpc = c.plasmablast_lifespan_days, c.plasma_cell_lifespan_days
-        d["pb"] = pb0 / tpb * y["b_auto"] / a0 - y["pb"] / tpb - (kill_cd19 + kill_bcma) * y["pb"]
+        d["pb"] = (pb0 * drive * y["b_auto"] / a0 - y["pb"]) / tpb - (kill_cd19 + kill_bcma) * y["pb"]
         d["pc"] = pc0 / tpc * y["pb"] / pb0 - y["pc"] / tpc - kill_bcma * y["pc"]
         phi = c.long_lived_antibody_fraction
         d["ab"] = self.k_g * ((1 - phi) * y["pb"] / pb0 + phi * y["pc"] / pc0) - self.k_g * y["ab"]
@@ -269,11 +344,15 @@ class Blood:
         k4 = self.rhs({n: y[n] + h * k3[n] for n in y})
         self.y = {n: max(0.0, y[n] + h / 6.0 * (k1[n] + 2 * k2[n] + 2 * k3[n] + k4[n])) for n in y}
         if self.y["b_auto"] < self.cfg.extinction_per_ul:
-            self.y["b_auto"] = 0.0
+            self.y["b_auto"] = 0.0  # fewer than one cell in the body: the clone is gone
         self.day += h
         events = []
+        # The grade this step reached, before any management given in it (tocilizumab blocks
+        # the IL-6 receptor at once, so reading the grade afterwards would hide the grade that
+        # triggered it).
+        self.step_grade = self.crs_grade()
         # CRS management is given when CRS reaches grade 2 (the usual indication).
-        if self.crs_grade() >= 2:
+        if self.step_grade >= 2:
             if self.uses_tocilizumab and self.toci_day is None:
                 self.toci_day = self.day
                 events.append("tocilizumab")
@@ -300,3 +379,49 @@ class Blood:
             and self.y["ab"] > (1.0 + c.relapse_autoantibody_rise) * self.ab_nadir
         ):
             self.relapse = True
+
+
+def run_blood(cfg, duration_days: float, dt_min: float = 15.0, every_days: float = 0.25):
+    """The systemic model alone: the blood ODEs under cfg.therapy, without a tissue patch.
+
+    A fast way to explore therapies over months to years (a 600-day run takes seconds); the
+    full Simulation adds the tissue and its small exchange of cells with blood. cfg : the run
+    configuration (biology.blood, therapy, biology.car_products); dt_min : RK4 step, minutes (15
+    is converged to ~1e-6 relative, see tests/biology/test_blood.py); every_days : row interval.
+
+    Returns (table, events): table {column: float64 (rows,)} with ``time`` (days) and the blood
+    columns of the simulation's timeseries (crs_grade is the highest grade since the last row);
+    events a list of therapy.Event in the order given.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    from tissuesim.biology.therapy import Event, TherapySchedule
+
+    def plain(node):
+        return OmegaConf.to_object(node) if isinstance(node, DictConfig) else node
+
+    bio, therapy = plain(cfg.biology), plain(cfg.therapy)
+    blood = Blood(bio.blood, {p: str(c.target) for p, c in bio.car_products.items()}, therapy)
+    schedule = TherapySchedule(therapy)
+    log: list = []
+    n = max(1, round(duration_days * MIN_PER_DAY / dt_min))
+    every = max(1, round(every_days * MIN_PER_DAY / dt_min))
+    rows = [{"time": 0.0, **blood.row()}]
+    crs = 0
+    for k in range(n):
+        for ev in schedule.due((k + 1) * dt_min / MIN_PER_DAY):
+            schedule.apply(ev, blood)
+            log.append(ev)
+        for what in blood.advance(dt_min):
+            log.append(Event(blood.day, what, "CRS grade 2 reached"))
+        for ev in schedule.on_relapse(blood.day, blood.relapse, log):
+            schedule.apply(ev, blood)
+            log.append(ev)
+        crs = max(crs, blood.step_grade)
+        if (k + 1) % every == 0 or k + 1 == n:
+            r = blood.row()
+            r["crs_grade"] = float(crs)
+            crs = 0
+            rows.append({"time": (k + 1) * dt_min / MIN_PER_DAY, **r})
+    table = {c: np.array([r[c] for r in rows], dtype=np.float64) for c in rows[0]}
+    return table, log

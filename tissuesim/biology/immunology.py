@@ -173,7 +173,7 @@ class Immunology:
         """Blood ODE, then arrivals from blood. Returns blood events (CRS management)."""
         sim = self.sim
         events = self.blood.advance(dt_min)
-        self.max_crs = max(self.max_crs, self.blood.crs_grade())
+        self.max_crs = max(self.max_crs, self.blood.step_grade)
         pop = sim.cells
         infl = self.inflammation_factor()
         n0 = pop.n
@@ -335,11 +335,14 @@ class Immunology:
             src[fi["damage"]] = s
             if "cxcl13" in fi:
                 src[fi["cxcl13"]] = np.float32(bio.cxcl13_nM_per_min_per_damage) * dmg
-        if "cxcl10" in fi and "ifng" in fi:
-            g = f["ifng"]
-            src[fi["cxcl10"]] = (
-                np.float32(bio.cxcl10_nM_per_min) * g / (g + np.float32(bio.cxcl10_ifng_kd_nM))
-            )
+        if "cxcl10" in fi:
+            # IFN-gamma-induced (engaged CAR-T) plus the disease's own CXCL10 from damaged tissue
+            c10 = src[fi["cxcl10"]]
+            if "ifng" in fi:
+                g = f["ifng"]
+                c10 += np.float32(bio.cxcl10_nM_per_min) * g / (g + np.float32(bio.cxcl10_ifng_kd_nM))
+            if "damage" in fi:
+                c10 += np.float32(bio.cxcl10_nM_per_min_per_damage) * f["damage"]
 
     def c_blood(self, names, dtype):
         """Blood concentrations for the fields' vessel exchange (n_fields,), host array."""

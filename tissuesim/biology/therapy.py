@@ -27,6 +27,8 @@ class InfusionConfig:
     allogeneic : donor cells (rejected faster by the host).
     trigger : 'day' gives the infusion at ``day``; 'relapse' gives it when relapse is detected,
         but not before ``day``.
+    binder_immunogenicity : this product's binder, 0..1; null: the therapy's value (a second
+        product with a fully human binder escapes the response raised against the first).
     """
 
     product: str = MISSING
@@ -34,6 +36,7 @@ class InfusionConfig:
     dose_per_kg: float = 1.0e6
     allogeneic: bool = False
     trigger: str = "day"
+    binder_immunogenicity: float | None = None
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Event:
     product: str | None = None
     dose_per_kg: float = 0.0
     allogeneic: bool = False
+    immunogenicity: float | None = None
 
 
 def scheduled_events(therapy) -> list[Event]:
@@ -98,4 +102,62 @@ def infusion_event(inf, day: float, note: str = "") -> Event:
         product=str(inf.product),
         dose_per_kg=float(inf.dose_per_kg),
         allogeneic=bool(inf.allogeneic),
+        immunogenicity=None if inf.binder_immunogenicity is None else float(inf.binder_immunogenicity),
     )
+
+
+class TherapySchedule:
+    """What is still to be given: the dated events and the relapse-triggered infusions.
+
+    therapy : TherapyConfig. ``pending`` holds Events sorted by day; ``relapse_infusions`` the
+    InfusionConfigs with trigger='relapse' not given yet. The caller keeps the event log.
+    """
+
+    def __init__(self, therapy):
+        self.therapy = therapy
+        self.pending: list[Event] = scheduled_events(therapy)
+        self.relapse_infusions = [inf for inf in therapy.infusions if inf.trigger == "relapse"]
+
+    def due(self, t_end_day: float) -> list[Event]:
+        """Pop the events whose day falls before ``t_end_day`` (the end of the current step):
+        an event inside a step happens at its start (day-0 events before the first step)."""
+        out = []
+        while self.pending and self.pending[0].day < t_end_day - 1e-12:
+            out.append(self.pending.pop(0))
+        return out
+
+    def on_relapse(self, day: float, relapse: bool, log: list[Event]) -> list[Event]:
+        """Relapse-triggered infusions due now (relapse detected and their day reached).
+
+        ``log`` is the event log so far: after a restart from a checkpoint the infusions it
+        already holds are not given again."""
+        if not self.relapse_infusions or not relapse:
+            return []
+        given = {e.what for e in log if e.detail.endswith("(relapse detected)")}
+        self.relapse_infusions = [i for i in self.relapse_infusions if f"infuse_{i.product}" not in given]
+        out = []
+        for inf in [i for i in self.relapse_infusions if day >= i.day - 1e-12]:
+            self.relapse_infusions.remove(inf)
+            out.append(infusion_event(inf, day, " (relapse detected)"))
+        return out
+
+    def apply(self, ev: Event, blood) -> None:
+        """Apply a therapy event to the blood compartment (biology.blood.Blood)."""
+        if ev.what == "lymphodepletion":
+            blood.lymphodeplete()
+        elif ev.what.startswith("infuse_"):
+            if ev.product is None:
+                # an event restored from a checkpoint keeps (day, what, detail): find its infusion
+                product = ev.what[len("infuse_") :]
+                inf = next(
+                    (
+                        i
+                        for i in self.therapy.infusions
+                        if i.product == product and (i.trigger == "relapse" or abs(i.day - ev.day) < 1e-9)
+                    ),
+                    None,
+                )
+                if inf is None:
+                    raise ValueError(f"event {ev.what} on day {ev.day}: no such infusion in therapy")
+                ev = infusion_event(inf, ev.day)
+            blood.infuse(ev.product, ev.dose_per_kg, ev.allogeneic, ev.immunogenicity)
