@@ -10,6 +10,13 @@ breakdown, and the machine.
     python bench/step.py                          # CPU: tiny, small, 64^3 + 1e4 cells
     python bench/step.py --cases 64:1e4 128:1e5   # synthetic cubes: side:cells
     python bench/step.py --backend cupy           # GPU: small, 64^3+1e4 ... 256^3+1e6
+
+On NumPy the grid presets also get ``python_overhead``: the share of the step spent in Python
+outside NumPy's compiled loops (interpreter, call dispatch, small-array setup), estimated by
+scaling the problem down. The preset runs at 100%, 75% and 50% of its side (same tissue recipe,
+so voxels and cells both scale with the area); the step time is fitted as
+t = overhead + slope * voxels, and the intercept, the part that does not grow with the arrays,
+is the overhead. Fraction = intercept / t(preset). Issue #8 asks for <= 0.30 on tiny and small.
 """
 
 from __future__ import annotations
@@ -43,9 +50,9 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def build(case: str, backend: str):
+def build(case: str, backend: str, extra=()):
     """A Simulation for a grid preset name or 'side:cells' (3D cube of side voxels, muscle)."""
-    over = [f"backend={backend}", "output.progress=false", "duration_days=1000", "seed=0"]
+    over = [f"backend={backend}", "output.progress=false", "duration_days=1000", "seed=0", *extra]
     if ":" in case:
         side, cells = case.split(":")
         side, cells = int(side), int(float(cells))
@@ -84,6 +91,53 @@ def _wrap(sim, name, totals, sync):
 
     setattr(obj, attr, timed)
     return True
+
+
+def _time_steps(sim, seconds: float) -> float:
+    """Seconds per step of sim.step() (best of three rounds of about seconds / 3 each)."""
+    for _ in range(20):
+        sim.step()
+    sim.backend.synchronize()
+    best = float("inf")
+    for _ in range(3):
+        n = 0
+        t0 = time.perf_counter()
+        while n < 10 or time.perf_counter() - t0 < seconds / 3:
+            sim.step()
+            n += 1
+        sim.backend.synchronize()
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+OVERHEAD_SCALES = (1.0, 0.75, 0.5)
+
+
+def python_overhead(case: str, backend: str, seconds: float) -> dict:
+    """Share of a preset's step spent outside NumPy's compiled loops (see the module docstring)."""
+    base = build(case, backend)
+    _nz, ny, nx = base.grid.shape
+    del base
+    pts = []
+    for f in OVERHEAD_SCALES:
+        sx, sy = max(8, round(nx * f)), max(8, round(ny * f))
+        sim = build(case, backend, [f"grid.nx={sx}", f"grid.ny={sy}"])
+        pts.append((sim.grid.n_voxels, int(sim.cells.n), _time_steps(sim, seconds)))
+        del sim
+    v = np.array([p[0] for p in pts], dtype=float)
+    t = np.array([p[2] for p in pts])
+    _slope, intercept = np.polyfit(v, t, 1)
+    intercept = float(min(max(intercept, 0.0), t[0]))
+    return {
+        "fraction": intercept / float(t[0]),
+        "overhead_seconds_per_step": intercept,
+        "method": (
+            "step time at 100/75/50% of the preset's side (voxels and cells scale with the area) "
+            "fitted as t = overhead + slope * voxels; fraction = overhead / t(100%): the share of "
+            "the step that does not grow with the arrays (Python, NumPy call dispatch, setup)"
+        ),
+        "points": [{"voxels": int(a), "cells": c, "seconds_per_step": b} for a, c, b in pts],
+    }
 
 
 def run_case(case: str, backend: str, seconds: float) -> dict:
@@ -125,12 +179,17 @@ def run_case(case: str, backend: str, seconds: float) -> dict:
     }
 
 
+def _is_preset(case: str) -> bool:
+    return ":" not in case
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
     ap.add_argument("--cases", nargs="+", default=None, help="grid presets or side:cells")
     ap.add_argument("--seconds", type=float, default=3.0, help="time spent per case (default 3)")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--no-overhead", action="store_true", help="skip the Python-overhead estimate")
     a = ap.parse_args(argv)
     be = select_backend(a.backend)
     cases = a.cases or (GPU_CASES if be.is_gpu else CPU_CASES)
@@ -141,6 +200,8 @@ def main(argv=None) -> None:
     )
     for case in cases:
         r = run_case(case, a.backend, a.seconds)
+        if not be.is_gpu and _is_preset(case) and not a.no_overhead:
+            r["python_overhead"] = python_overhead(case, a.backend, a.seconds)
         results.append(r)
         ph = " ".join(
             f"{k.strip('_').split('.')[0]}={v * 1e3:.2f}" for k, v in r["phase_seconds_per_step"].items()
@@ -149,6 +210,12 @@ def main(argv=None) -> None:
             f"{case:>10} {'x'.join(map(str, r['shape'])):>16} {r['n_cells']:>8} {r['steps_per_second']:>9.1f} "
             f"{r['ns_per_voxel_field']:>10.2f} {r['ns_per_cell']:>8.0f}  {ph}"
         )
+        if "python_overhead" in r:
+            po = r["python_overhead"]
+            print(
+                f"{'':>10} python overhead {po['fraction']:.0%} of the step "
+                f"({po['overhead_seconds_per_step'] * 1e3:.2f} ms, fit over {len(po['points'])} sizes)"
+            )
     info = {
         "backend": be.name,
         "device": be.describe(),
@@ -159,6 +226,11 @@ def main(argv=None) -> None:
     }
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / f"step_{'gpu' if be.is_gpu else 'cpu'}.json"
+    info["python_overhead_method"] = (
+        "NumPy presets only: intercept of step time vs voxels over 100/75/50% of the preset's "
+        "side, divided by the preset's step time (the size-independent share of the step: "
+        "Python and NumPy call dispatch outside the compiled loops)"
+    )
     path.write_text(json.dumps({"info": info, "results": results}, indent=1) + "\n")
     print(f"wrote {path}")
 

@@ -78,6 +78,23 @@ class Grid:
         Returns int64 (n,) flat indices into a C-ordered (nz, ny, nx) array.
         """
         o = xp.asarray(self.origin, dtype=positions.dtype)
+        if xp is np and positions.ndim == 2:
+            # the same arithmetic as below in fewer array operations: clip = max then min, and the
+            # flat index k nx ny + j nx + i as one integer product (exact in int64)
+            c = positions - o
+            c /= self.dx
+            ijk = np.floor(c, out=c).astype(np.int64)
+            np.maximum(ijk, 0, out=ijk)
+            tables = self.__dict__.get("_index_tables")
+            if tables is None:  # per-axis upper bounds and flat strides of (i, j, k), made once
+                nz, ny, nx = self.shape
+                tables = (
+                    np.array([nx - 1, ny - 1, nz - 1], dtype=np.int64),
+                    np.array([1, nx, nx * ny], dtype=np.int64),
+                )
+                object.__setattr__(self, "_index_tables", tables)
+            np.minimum(ijk, tables[0], out=ijk)
+            return ijk @ tables[1]
         ijk = xp.floor((positions - o) / self.dx).astype(xp.int64)
         i = xp.clip(ijk[:, 0], 0, self.nx - 1)
         j = xp.clip(ijk[:, 1], 0, self.ny - 1)

@@ -201,6 +201,68 @@ def _voxel_axis(q, o, dx, nmax):
     return np.minimum(c, nmax, out=c)
 
 
+class _Geometry:
+    """Per-grid constants of move_cells_numpy (float32 origin, bounds, strides), cached."""
+
+    __slots__ = ("axes", "dx", "hi", "nmax", "nn", "o", "o_col", "stride")
+
+    def __init__(self, grid: Grid):
+        f32 = np.float32
+        nz, ny, nx = grid.shape
+        self.dx = f32(grid.dx)
+        self.o = tuple(f32(o) for o in grid.origin)
+        self.nn = (nx, ny, nz)
+        self.nmax = (nx - 1, ny - 1, nz - 1)
+        self.stride = (1, nx, nx * ny)
+        self.hi = tuple(f32(self.o[a] + f32(self.nn[a]) * self.dx) for a in range(3))
+        # axes with more than one voxel (the others index 0 whatever the position)
+        self.axes = tuple(a for a in range(3) if self.nmax[a] > 0)
+        self.o_col = np.array([self.o[a] for a in self.axes], dtype=f32).reshape(-1, 1)
+
+
+_GEOMETRY: dict = {}
+
+
+def _geometry(grid: Grid) -> _Geometry:
+    g = _GEOMETRY.get(grid)
+    if g is None:
+        if len(_GEOMETRY) >= 64:
+            _GEOMETRY.clear()
+        g = _GEOMETRY[grid] = _Geometry(grid)
+    return g
+
+
+def _voxel_columns(P, geo: _Geometry):
+    """int64 (3, m) voxel index of the float32 coordinates P (3, m), as _voxel_axis per axis."""
+    m = P.shape[1]
+    idx = np.zeros((3, m), dtype=np.int64)
+    ax = geo.axes
+    if not ax:
+        return idx
+    if ax == (0, 1) or ax == (0, 1, 2):
+        k = len(ax)
+        c = P[:k] - geo.o_col
+        c /= geo.dx
+        np.floor(c, out=c)
+        sub = idx[:k]
+        np.copyto(sub, c, casting="unsafe")
+        np.maximum(sub, 0, out=sub)
+        np.minimum(sub, _NMAX_COL[geo.nmax[:k]], out=sub)
+        return idx
+    for a in ax:
+        idx[a] = _voxel_axis(P[a], geo.o[a], geo.dx, geo.nmax[a])
+    return idx
+
+
+class _NmaxCols(dict):
+    def __missing__(self, key):
+        v = self[key] = np.array(key, dtype=np.int64).reshape(-1, 1)
+        return v
+
+
+_NMAX_COL = _NmaxCols()
+
+
 def move_cells_numpy(
     pos,
     vel,
@@ -224,18 +286,19 @@ def move_cells_numpy(
     """NumPy twin of kernel move_cells: updates pos, vel (float32 (>= n, 3)) rows [:n] in place.
 
     Cells of unknown type are left alone (and flagged); the others are processed as compact
-    per-axis float32 columns with the kernel's operations in the kernel's order. Substeps past the
-    first one run on the few cells that still move.
+    (3, m) float32 coordinate rows with the kernel's operations in the kernel's order (the axes
+    side by side where the kernel treats them alike). Substeps past the first one run on the
+    few cells that still move.
     """
     f32 = np.float32
     if n == 0:
         return
-    nz, ny, nx = grid.shape
-    dx = f32(grid.dx)
-    o3 = tuple(f32(o) for o in grid.origin)
-    nn = (nx, ny, nz)
+    geo = _geometry(grid)
+    dx = geo.dx
+    nn = geo.nn
+    stride = geo.stride
     t = type_[:n]
-    bad = tp.shape[0] < 256 and bool((t >= tp.shape[0]).any())
+    bad = tp.shape[0] < 256 and int(t.max()) >= tp.shape[0]
     if bad:
         flags[0] |= np.uint32(K.FLAG_BAD_TYPE)
     rows = None  # None: every cell has parameters
@@ -247,101 +310,63 @@ def move_cells_numpy(
     m = n if rows is None else rows.size
     pv = pos[:n] if rows is None else pos[rows]
     vv = vel[:n] if rows is None else vel[rows]
-    p = [np.ascontiguousarray(pv[:, a]) for a in range(3)]
-    v = [np.ascontiguousarray(vv[:, a]) for a in range(3)]
+    Pm = np.ascontiguousarray(pv.T)  # (3, m) positions, one row per axis
+    V = np.ascontiguousarray(vv.T)
     cr = crowd[:n] if rows is None else crowd[rows]
     idn = ids[:n] if rows is None else ids[rows]
     t = t.astype(np.intp)
-    P = [tp[:, c][t] for c in range(5)]  # per-cell OU coefficients (gathered contiguous)
+    C = tp.take(t, axis=0).T  # per-cell parameters (9, m); rows 0..4: OU coefficients
 
-    idx = [_voxel_axis(p[a], o3[a], dx, nn[a] - 1) for a in range(3)]
+    idx = _voxel_columns(Pm, geo)
     open_flat = open_.reshape(-1)
-    nxy = nx * ny
-    stride = (1, nx, nxy)
-    here = idx[2] * nxy
-    here += idx[1] * nx
+    here = stride[2] * idx[2]
+    here += idx[1] * stride[1]
     here += idx[0]
     if not open_flat[here].all():
         flags[0] |= np.uint32(K.FLAG_IN_CLOSED_VOXEL)
 
-    vd = [np.zeros(m, dtype=f32) for _ in range(3)]
+    VD = np.zeros((3, m), dtype=f32)
     fi = tfield[t]
     chem = np.flatnonzero(fi >= 0)
     if chem.size:
-        fflat = fields.reshape(-1)
-        nvox = nz * nxy
-        h = here[chem]
-        base = fi[chem].astype(np.int64) * nvox + h  # flat index into the stacked fields
-        cc = fflat[base]
-        tc = t[chem]
-        g = []
-        with np.errstate(divide="ignore", invalid="ignore"):
-            for a in range(3):
-                if a >= ndim:
-                    g.append(np.zeros(chem.size, dtype=f32))
-                    continue
-                ia = idx[a][chem]
-                up = ia + 1 < nn[a]
-                dn = ia >= 1
-                ip = (up & (open_flat[np.where(up, h + stride[a], h)] != 0)).astype(np.int64)
-                im = (dn & (open_flat[np.where(dn, h - stride[a], h)] != 0)).astype(np.int64)
-                s = ip + im
-                fp = fflat[base + ip * stride[a]]
-                fm = fflat[base - im * stride[a]]
-                ga = (fp - fm) / (s.astype(f32) * dx)
-                g.append(np.where(s > 0, ga, f32(0)))
-            Kd = tp[:, 6][tc]
-            den = Kd + cc
-            sc = np.where(den > 0, tp[:, 5][tc] * Kd / (den * den), f32(0)).astype(f32)
-            g = [ga * sc for ga in g]
-            m2 = g[0] * g[0] + g[1] * g[1] + g[2] * g[2]
-            cap = tp[:, 7][tc]
-            over = np.flatnonzero(m2 > cap * cap)
-            if over.size:
-                fac = cap[over] / np.sqrt(m2[over])
-                for ga in g:
-                    ga[over] = ga[over] * fac
-        for a in range(3):
-            vd[a][chem] = g[a]
+        _chemotaxis(VD, chem, fi, t, tp, idx, here, fields, open_flat, geo, ndim)
 
     # normals: x uses (z0, z1), y (z2, z3), z (z4, z5): Box-Muller of Philox words (0, 1), (2, 3)
     # of draw 0 and (0, 1) of draw 1; computed in one pass (elementwise, so bit-identical)
     key = (k1 << 32) | k0
-    r0 = rng.draw(idn, step, rng.PURPOSE_MOVE, 0, key)
     if ndim == 3:
-        r1 = rng.draw(idn, step, rng.PURPOSE_MOVE, 1, key)
-        za, zb = rng.box_muller(np.concatenate([r0[0], r0[2], r1[0]]), np.concatenate([r0[1], r0[3], r1[1]]))
+        w0, w1, w2, w3 = rng.draw_blocks(idn, step, rng.PURPOSE_MOVE, (0, 1), key)
+        za, zb = rng.box_muller(np.concatenate([w0[0], w2[0], w0[1]]), np.concatenate([w1[0], w3[0], w1[1]]))
     else:
+        r0 = rng.draw(idn, step, rng.PURPOSE_MOVE, 0, key)
         za, zb = rng.box_muller(np.concatenate([r0[0], r0[2]]), np.concatenate([r0[1], r0[3]]))
+    Z1 = za.reshape(ndim, m)
+    Z2 = zb.reshape(ndim, m)
     dtf = f32(dt)
-    d = []
-    for a in range(ndim):
-        z1, z2 = za[a * m : (a + 1) * m], zb[a * m : (a + 1) * m]
-        u = v[a] - vd[a]
-        da = vd[a] * dtf
-        da += P[4] * u
-        da += P[2] * z1
-        da += P[3] * z2
-        da += cr[:, a]
-        d.append(da)
-        va = vd[a] + P[0] * u
-        va += P[1] * z1
-        v[a] = va
+    vd = VD[:ndim]
+    U = V[:ndim] - vd
+    D = vd * dtf
+    D += C[4] * U
+    D += C[2] * Z1
+    D += C[3] * Z2
+    D += cr.T[:ndim]
+    Vn = C[0] * U
+    np.add(vd, Vn, out=Vn)
+    Vn += C[1] * Z1
+    V[:ndim] = Vn
     if ndim == 2:
-        v[2] = np.zeros(m, dtype=f32)
-    hi = (f32(o3[0] + f32(nx) * dx), f32(o3[1] + f32(ny) * dx), f32(o3[2] + f32(nz) * dx))
+        V[2] = 0
     for a in range(ndim):
         _walk_axis(
             a,
-            p[a],
-            v,
-            d[a],
-            idx,
+            Pm[a],
+            V[a],
+            D[a],
+            idx[a],
             here,
             stride[a],
-            o3[a],
-            hi[a],
-            o3[a],
+            geo.o[a],
+            geo.hi[a],
             dx,
             nn[a] - 1,
             open_flat,
@@ -349,37 +374,111 @@ def move_cells_numpy(
             flags,
         )
     if rows is None:
-        for a in range(3):
-            pos[:n, a] = p[a]
-            vel[:n, a] = v[a]
+        pos[:n] = Pm.T
+        vel[:n] = V.T
     else:
-        pos[rows] = np.stack(p, axis=1)
-        vel[rows] = np.stack(v, axis=1)
+        pos[rows] = Pm.T
+        vel[rows] = V.T
 
 
-def _walk_axis(a, pa, v, da, idx, here, stride, lo, hi, o, dx, nmax, open_flat, max_disp, flags):
+def _chemotaxis(VD, chem, fi, t, tp, idx, here, fields, open_flat, geo: _Geometry, ndim):
+    """Drift velocity v_d (rows of VD at the columns ``chem``) of the chemotactic cells."""
+    f32 = np.float32
+    nn, stride, dx = geo.nn, geo.stride, geo.dx
+    fflat = fields.reshape(-1)
+    nvox = nn[0] * nn[1] * nn[2]
+    h = here[chem]
+    base = fi[chem].astype(np.int64) * nvox + h  # flat index into the stacked fields
+    cc = fflat[base]
+    tc = t[chem]
+    g = []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for a in range(3):
+            if a >= ndim:
+                g.append(np.zeros(chem.size, dtype=f32))
+                continue
+            ia = idx[a][chem]
+            up = ia + 1 < nn[a]
+            dn = ia >= 1
+            ip = (up & (open_flat[np.where(up, h + stride[a], h)] != 0)).astype(np.int64)
+            im = (dn & (open_flat[np.where(dn, h - stride[a], h)] != 0)).astype(np.int64)
+            s = ip + im
+            fp = fflat[base + ip * stride[a]]
+            fm = fflat[base - im * stride[a]]
+            ga = (fp - fm) / (s.astype(f32) * dx)
+            g.append(np.where(s > 0, ga, f32(0)))
+        Kd = tp[:, 6][tc]
+        den = Kd + cc
+        sc = np.where(den > 0, tp[:, 5][tc] * Kd / (den * den), f32(0)).astype(f32)
+        g = [ga * sc for ga in g]
+        m2 = g[0] * g[0] + g[1] * g[1] + g[2] * g[2]
+        cap = tp[:, 7][tc]
+        over = np.flatnonzero(m2 > cap * cap)
+        if over.size:
+            fac = cap[over] / np.sqrt(m2[over])
+            for ga in g:
+                ga[over] = ga[over] * fac
+    for a in range(3):
+        VD[a][chem] = g[a]
+
+
+def _walk_axis(a, pa, va, da, ia, here, stride, lo, hi, dx, nmax, open_flat, max_disp, flags):
     """Move along axis a in equal substeps < dx, stopping at closed voxels (kernel move_cells).
 
-    pa, v[a], idx[a] and here (flat voxel) are updated in place. The first substep runs on every
-    cell; the later ones only on the cells that still move (same outcome, kernel order per cell).
+    pa, va, ia (float32 / int64 (m,) rows of axis a) and here (flat voxel) are updated in place.
+    The first substep runs on every cell; the later ones only on the cells that still move
+    (same outcome, kernel order per cell).
     """
     f32 = np.float32
-    nsub = np.ceil(np.abs(da) / max_disp).astype(np.int64)
+    nsub = np.abs(da)
+    nsub /= max_disp
+    np.ceil(nsub, out=nsub)
+    nsub = nsub.astype(np.int64)
     np.maximum(nsub, 1, out=nsub)
-    over = nsub > MAX_SUBSTEPS
-    if over.any():
+    nmax_sub = int(nsub.max())
+    if nmax_sub > MAX_SUBSTEPS:
         flags[0] |= np.uint32(K.FLAG_DISPLACEMENT_CAPPED)
+        over = nsub > MAX_SUBSTEPS
         da = np.where(over, np.where(da > 0, f32(MAX_SUBSTEPS) * max_disp, f32(-MAX_SUBSTEPS) * max_disp), da)
         np.minimum(nsub, MAX_SUBSTEPS, out=nsub)
-    sub = da / nsub.astype(f32)
-    va = v[a]
-    ia = idx[a]
-    act = None  # None: every cell (first substep), else the rows still moving
-    for s_ in range(int(nsub.max())):
-        if act is None:
-            p_s, sub_s, va_s, ia_s, here_s = pa, sub, va, ia, here
-        else:
-            p_s, sub_s, va_s, ia_s, here_s = pa[act], sub[act], va[act], ia[act], here[act]
+        nmax_sub = MAX_SUBSTEPS
+    # x / 1 == x exactly (signed zeros and NaN included): one substep needs no division
+    sub = da if nmax_sub == 1 else da / nsub.astype(f32)
+    o = lo
+    # first substep: every cell
+    q = pa + sub
+    refl = q < lo
+    refl |= q >= hi
+    sq = sub
+    any_refl = bool(refl.any())
+    if any_refl:
+        below = q < lo
+        above = ~below & (q >= hi)
+        q = np.where(below, lo + (lo - q), np.where(above, hi - (q - hi), q))
+        sq = np.where(refl, -sub, sub)
+    np.maximum(q, lo, out=q)
+    np.minimum(q, hi, out=q)
+    ca = _voxel_axis(q, o, dx, nmax)
+    flat = ca - ia
+    flat *= stride
+    flat += here
+    ok = open_flat[flat] != 0
+    # velocity: reflected where the move reflected and was taken, reversed where it was refused
+    neg = ~ok
+    if any_refl:
+        neg |= refl
+    np.negative(va, out=va, where=neg)
+    np.copyto(pa, q, where=ok)
+    np.copyto(ia, ca, where=ok)
+    np.copyto(here, flat, where=ok)
+    if nmax_sub == 1:
+        return
+    sub = np.where(ok, sq, sub)
+    act = np.flatnonzero(ok & (nsub > 1))
+    for s_ in range(1, nmax_sub):
+        if act.size == 0:
+            break
+        p_s, sub_s, va_s, ia_s, here_s = pa[act], sub[act], va[act], ia[act], here[act]
         q = p_s + sub_s
         below = q < lo
         above = ~below & (q >= hi)
@@ -395,24 +494,12 @@ def _walk_axis(a, pa, v, da, idx, here, stride, lo, hi, o, dx, nmax, open_flat, 
         flat *= stride
         flat += here_s
         ok = open_flat[flat] != 0
-        new_va = np.where(ok, vq, -va_s)
-        new_sub = np.where(ok, sq, sub_s)
-        if act is None:
-            np.copyto(pa, q, where=ok)
-            va[:] = new_va
-            sub = new_sub
-            np.copyto(ia, ca, where=ok)
-            np.copyto(here, flat, where=ok)
-            act = np.flatnonzero(ok & (nsub > 1))
-        else:
-            pa[act] = np.where(ok, q, p_s)
-            va[act] = new_va
-            sub[act] = new_sub
-            ia[act] = np.where(ok, ca, ia_s)
-            here[act] = np.where(ok, flat, here_s)
-            act = act[ok & (nsub[act] > s_ + 1)]
-        if act.size == 0:
-            break
+        pa[act] = np.where(ok, q, p_s)
+        va[act] = np.where(ok, vq, -va_s)
+        sub[act] = np.where(ok, sq, sub_s)
+        ia[act] = np.where(ok, ca, ia_s)
+        here[act] = np.where(ok, flat, here_s)
+        act = act[ok & (nsub[act] > s_ + 1)]
 
 
 def _as_params(pop: Population, motility):

@@ -17,6 +17,7 @@ easy as 1, 2, 3", SC'11 (2011), doi:10.1145/2063384.2063405.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
@@ -75,22 +76,97 @@ def seed_key(seed: int) -> tuple[int, int]:
 
 def draw(ids, step: int, purpose: int, draw_index: int, seed: int, xp=np):
     """Four uint32 arrays for each id (int64 array) at (step, purpose, draw_index) under seed."""
+    if xp is np:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim == 1:
+            k0, k1 = seed_key(seed)
+            c3 = ((int(purpose) << 16) | (int(draw_index) & 0xFFFF)) & _MASK32
+            return _philox_ids_numpy(ids.view(np.uint64), int(step) & _MASK32, c3, k0, k1)
     ids = xp.asarray(ids, dtype=xp.int64).view(xp.uint64)
     lo = (ids & xp.uint64(_MASK32)).astype(xp.uint32)
     hi = (ids >> xp.uint64(32)).astype(xp.uint32)
     c2 = xp.full(ids.shape, int(step) & _MASK32, dtype=xp.uint32)
     c3 = xp.full(ids.shape, ((int(purpose) << 16) | (int(draw_index) & 0xFFFF)) & _MASK32, dtype=xp.uint32)
     k0, k1 = seed_key(seed)
-    if xp is np and ids.ndim == 1:
-        return _philox_rows_numpy(lo, hi, c2, c3, k0, k1)
     return philox4x32_10(lo, hi, c2, c3, k0, k1, xp=xp)
 
 
+def draw_blocks(ids, step: int, purpose: int, draw_indices, seed: int):
+    """NumPy only: :func:`draw` for several draw indices at once, bit for bit.
+
+    Returns four uint32 arrays of shape (len(draw_indices), n): row b holds draw(ids, step,
+    purpose, draw_indices[b], seed) (one pass of Philox rounds for all blocks).
+    """
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    nb = len(draw_indices)
+    n = ids.shape[0]
+    k0, k1 = seed_key(seed)
+    c3 = np.array(
+        [((int(purpose) << 16) | (int(d) & 0xFFFF)) & _MASK32 for d in draw_indices], dtype=np.uint32
+    )
+    u = np.broadcast_to(ids.view(np.uint64), (nb, n)).reshape(-1)
+    x0, x1, x2, x3 = _philox_ids_numpy(u, int(step) & _MASK32, np.repeat(c3, n), k0, k1)
+    return x0.reshape(nb, n), x1.reshape(nb, n), x2.reshape(nb, n), x3.reshape(nb, n)
+
+
 _MCOL = np.array([[M0], [M1]], dtype=np.uint64)
+_BIG_ENDIAN = sys.byteorder == "big"
+_ROUND_KEYS: dict = {}
+
+
+def _round_keys(k0: int, k1: int) -> np.ndarray:
+    """uint32 (10, 2, 1) key schedule (k0 + r W0, k1 + r W1) mod 2^32 of rounds r, cached."""
+    keys = _ROUND_KEYS.get((k0, k1))
+    if keys is None:
+        keys = np.array(
+            [[(k0 + r * W0) & _MASK32, (k1 + r * W1) & _MASK32] for r in range(10)], dtype=np.uint32
+        ).reshape(10, 2, 1)
+        keys.flags.writeable = False
+        if len(_ROUND_KEYS) >= 64:
+            _ROUND_KEYS.clear()
+        _ROUND_KEYS[(k0, k1)] = keys
+    return keys
+
+
+def _philox_ids_numpy(ids_u64, c2, c3, k0: int, k1: int):
+    """Philox4x32-10 of the counters (lo(id), hi(id), c2, c3) on NumPy, bit for bit.
+
+    ids_u64 : uint64 (n,); c2 : int (or uint32 (n,)); c3 : int or uint32 (n,). The two multiply
+    lanes form one (2, n) array L = (c0, c2), R = (c1, c3); the products P = M L are uint64, and
+    viewed as uint32 pairs (little-endian) their high and low halves are strided views, so a
+    round is three array operations: P_r = M L_r; L_{r+1} = hi(P_r)' ^ lo(P_{r-1})' ^ k_r
+    (' = lanes swapped), with lo(P_{-1}) = R. L is kept in uint64 (its low halves) so the
+    products need no cast. Returns (c0, c1, c2, c3) after 10 rounds, contiguous uint32 (n,).
+    """
+    n = ids_u64.shape[0]
+    keys = _round_keys(k0, k1)
+    L = np.empty((2, n), dtype=np.uint64)
+    np.bitwise_and(ids_u64, np.uint64(_MASK32), out=L[0])
+    L[1] = c2
+    R = np.empty((2, n), dtype=np.uint32)
+    np.right_shift(ids_u64, np.uint64(32), out=R[0], casting="unsafe")
+    R[1] = c3
+    if _BIG_ENDIAN:  # no uint32 views of the halves: the plain formulation
+        return _philox_rows_numpy(L[0].astype(np.uint32), R[0], L[1].astype(np.uint32), R[1], k0, k1)
+    Lv = L.view(np.uint32)[:, 0::2]  # low halves of L (the high ones stay 0)
+    P = np.empty((2, 2, n), dtype=np.uint64)  # products of this round and of the last
+    prev = R
+    for r in range(10):
+        cur = P[r & 1]
+        np.multiply(L, _MCOL, out=cur)  # exact 64-bit products
+        hv = cur.view(np.uint32)
+        out = Lv if r < 9 else np.empty((2, n), dtype=np.uint32)
+        np.bitwise_xor(hv[::-1, 1::2], prev, out=out)  # high halves, lanes swapped
+        out ^= keys[r]
+        prev = hv[::-1, 0::2]  # low halves, lanes swapped
+    lo = np.empty((2, n), dtype=np.uint32)
+    np.copyto(lo, prev)
+    return out[0], lo[0], out[1], lo[1]
 
 
 def _philox_rows_numpy(c0, c1, c2, c3, k0: int, k1: int):
-    """philox4x32_10 for 1-D uint32 counter arrays and scalar keys on NumPy, bit for bit.
+    """philox4x32_10 for 1-D uint32 counter arrays and scalar keys on NumPy, bit for bit
+    (the fallback of _philox_ids_numpy on big-endian hosts).
 
     The two multiply lanes are one (2, n) array: L = (c0, c2), R = (c1, c3), and a round is
     L' = hi(M L) reversed ^ R ^ k, R' = lo(M L) reversed (5 array operations instead of 14).
@@ -100,9 +176,7 @@ def _philox_rows_numpy(c0, c1, c2, c3, k0: int, k1: int):
     L[0], L[1] = c0, c2
     R = np.empty((2, n), dtype=np.uint32)
     R[0], R[1] = c1, c3
-    keys = np.array(
-        [[(k0 + r * W0) & _MASK32, (k1 + r * W1) & _MASK32] for r in range(10)], dtype=np.uint32
-    ).reshape(10, 2, 1)
+    keys = _round_keys(k0, k1)
     P = np.empty((2, n), dtype=np.uint64)
     H = np.empty((2, n), dtype=np.uint32)
     lo = np.empty((2, n), dtype=np.uint32)
@@ -118,6 +192,10 @@ def _philox_rows_numpy(c0, c1, c2, c3, k0: int, k1: int):
 
 def uniform(x, xp=np):
     """float32 uniform in (0, 1) from uint32: (2 (x >> 9) + 1) 2^-24, exact in float32."""
+    if xp is np:  # (2 (x >> 9) + 1) == (x >> 8) | 1; < 2^24, so the cast and product are exact
+        u = np.right_shift(np.asarray(x, dtype=np.uint32), np.uint32(8))
+        u |= np.uint32(1)
+        return np.multiply(u, np.float32(2.0**-24), dtype=np.float32, casting="unsafe")
     x = xp.asarray(x, dtype=xp.uint32)
     return ((x >> xp.uint32(9)) * xp.uint32(2) + xp.uint32(1)).astype(xp.float32) * xp.float32(2.0**-24)
 
