@@ -33,9 +33,19 @@ import numpy as np
 import tissuesim
 from tissuesim.backend import select_backend
 
-# Phases of Simulation.step, by method name (missing ones are skipped). The fields phase is the
-# FieldSet.step call; "rest" is what the step spends outside the listed phases.
-PHASES = ("_apply_events", "_step_blood", "_step_biology", "_move_cells", "_field_sources", "fields.step")
+# Phases of Simulation.step: name -> (owner, method). "arrivals" is Immunology.before_move less
+# the blood ODE inside it; "biology" is after_move (contacts, kills, fates, exits, field
+# sources); "rest" is what the step spends outside the listed phases. Output (timeseries rows,
+# snapshot copies) happens between steps and is timed per call, then spread over the steps of
+# the default intervals.
+PHASES = {
+    "events": ("sim", "_apply_events"),
+    "blood": ("blood", "advance"),
+    "arrivals": ("immunology", "before_move"),
+    "agents": ("sim", "_move_cells"),
+    "biology": ("immunology", "after_move"),
+    "fields": ("fields", "step"),
+}
 CPU_CASES = ("tiny", "small", "64:1e4")
 GPU_CASES = ("small", "64:1e4", "128:1e5", "256:1e6")
 
@@ -76,8 +86,9 @@ def build(case: str, backend: str, extra=()):
 
 
 def _wrap(sim, name, totals, sync):
-    obj, attr = (sim.fields, "step") if name == "fields.step" else (sim, name)
-    fn = getattr(obj, attr, None)
+    owner, attr = PHASES[name]
+    obj = sim if owner == "sim" else getattr(sim, owner, None)
+    fn = getattr(obj, attr, None) if obj is not None else None
     if fn is None:
         return False
 
@@ -91,6 +102,26 @@ def _wrap(sim, name, totals, sync):
 
     setattr(obj, attr, timed)
     return True
+
+
+def _output_cost(sim, calls: int = 5) -> dict:
+    """Seconds per timeseries row and per snapshot copy (device -> host), and per step when
+    spread over the default output intervals (rows every 0.25 d, snapshots every day)."""
+    be = sim.backend
+    out = {}
+    for name, fn in (("timeseries_row", sim.record_timeseries), ("snapshot_copy", sim.snapshot)):
+        be.synchronize()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        be.synchronize()
+        out[name] = (time.perf_counter() - t) / calls
+    steps_row = 0.25 * 1440 / sim.dt_min
+    steps_snap = 1.0 * 1440 / sim.dt_min
+    out["per_step_at_default_intervals"] = (
+        out["timeseries_row"] / steps_row + out["snapshot_copy"] / steps_snap
+    )
+    return out
 
 
 def _time_steps(sim, seconds: float) -> float:
@@ -164,6 +195,8 @@ def run_case(case: str, backend: str, seconds: float) -> dict:
     be.synchronize()
     timed_step = (time.perf_counter() - t0) / m
     phases = {p: totals[p] / m for p in present}
+    if "arrivals" in phases and "blood" in phases:
+        phases["arrivals"] -= phases["blood"]  # the blood ODE runs inside before_move
     phases["rest"] = max(timed_step - sum(phases.values()), 0.0)
     return {
         "case": case,
@@ -176,6 +209,7 @@ def run_case(case: str, backend: str, seconds: float) -> dict:
         "ns_per_voxel_field": per_step / (sim.grid.n_voxels * len(sim.fields.names)) * 1e9,
         "ns_per_cell": per_step / max(sim.cells.n, 1) * 1e9,
         "phase_seconds_per_step": phases,
+        "output_seconds": _output_cost(sim),
     }
 
 

@@ -132,6 +132,7 @@ class BloodConfig:
     autoreactive_b_cell_growth_per_day: float = 0.18
     extinction_per_ul: float = 2.0e-7
     autoreactive_niche_access: float = 0.6
+    rituximab_niche_access: float = 0.1
     disease_drive_hill: float = 2.0
     disease_drive_half_rel: float = 0.6
     plasmablast_per_ul: float = 2.0

@@ -39,18 +39,24 @@ def poisson_small(means, seed: int, step: int) -> np.ndarray:
     u = rng.uniform53(w[0], w[1])
     k = np.zeros(means.size, dtype=np.int64)
     big = means > 30.0
-    p = np.exp(-np.where(big, 0.0, means))
-    cdf = p.copy()
-    active = (u > cdf) & ~big & (means > 0)
+    any_big = bool(big.any())
+    # exp(-0) = 1 for the big means, which the loop skips (the same floats where there are none)
+    p = np.exp(-np.where(big, 0.0, means)) if any_big else np.exp(-means)
+    cdf = p  # never written in place below
+    active = u > cdf
+    active &= means > 0
+    if any_big:
+        active &= ~big
     i = 0
-    while active.any() and i < 200:
+    while i < 200 and active.any():
         i += 1
         k = np.where(active, k + 1, k)
         p = p * means / np.maximum(k, 1)
         cdf = cdf + np.where(active, p, 0.0)
         active = active & (u > cdf)
-    for j in np.flatnonzero(big):
-        k[j] = rng.poisson_host(float(means[j]), seed, step, int(j))
+    if any_big:
+        for j in np.flatnonzero(big):
+            k[j] = rng.poisson_host(float(means[j]), seed, step, int(j))
     return k
 
 
@@ -131,6 +137,39 @@ class Immunology:
         self.max_crs = 0
         self.p_exit = -np.expm1(-self.table.intravasation * sim.dt_min)
         self.source = self.xp.zeros_like(f.values)
+        # Per-type tables on the device, made once (no host-to-device copy inside the step).
+        nt = len(t.cell_types)
+        self.ntypes = nt
+        xp = self.xp
+        self.killer_mask = np.zeros(nt, bool)
+        self.killer_mask[self.killer_types] = True
+        self.target_mask = np.zeros(nt, bool)
+        self.target_mask[self.target_types] = True
+        self._killer_mask_d = xp.asarray(self.killer_mask)
+        self._target_mask_d = xp.asarray(self.target_mask)
+        self._car_mask_d = xp.asarray(self.car_mask)
+        self._secretes_ab_d = xp.asarray(self.secretes_ab)
+        self._p_exit_d = xp.asarray(self.p_exit)
+        self._vessel_flat = self.vessel_mask.reshape(-1) != 0
+        self._fate_tables = None
+        # Source category of a cell by (type, engaged, activated): 0 IFN-gamma (engaged CAR-T),
+        # 1 activated macrophage, 2 antibody-secreting, 3 none. The categories are exclusive by
+        # type, so one integer bincount over (category, voxel) gives all three counts.
+        cat = np.full((nt, 2, 2), 3, dtype=np.int64)
+        cat[self.car_mask, 1, :] = 0
+        cat[self.idx["macrophage"], :, 1] = 1
+        cat[self.secretes_ab, :, :] = 2
+        exclusive = not (self.car_mask & self.secretes_ab).any() and not (
+            self.car_mask[self.idx["macrophage"]] or self.secretes_ab[self.idx["macrophage"]]
+        )
+        self._source_cat = xp.asarray(cat.reshape(-1)) if exclusive else None
+        # Which types can arrive (extravasation > 0): only their blood concentration is needed.
+        self._arriving = [int(k) for k in np.flatnonzero(t.extravasation != 0)]
+        # Contact pre-check on the host (NumPy): squared contact radius as contacts() uses it,
+        # with a margin so the check never skips a search that would find a pair.
+        r = np.float32(self.bio.contact_radius_um)
+        self._r2_reach = np.float32(np.float32(r * r) * np.float32(1.001))
+        self.prefilter_max_pairs = 1 << 18
 
     # ------------------------------------------------------------------ blood side
     def blood_per_ul(self, cell_type: str) -> float:
@@ -178,7 +217,9 @@ class Immunology:
         infl = self.inflammation_factor()
         n0 = pop.n
         names = self.table.cell_types
-        conc = np.array([self.blood_per_ul(nm) for nm in names])
+        conc = np.zeros(len(names))
+        for ti in self._arriving:  # the others have extravasation 0, hence mean 0
+            conc[ti] = self.blood_per_ul(names[ti])
         means = self.table.extravasation * conc * self.n_sites * dt_min * infl
         arrivals = poisson_small(means, sim.seed, step)
         for ti in np.flatnonzero(arrivals):
@@ -195,33 +236,26 @@ class Immunology:
         sim = self.sim
         xp = self.xp
         pop = sim.cells
+        on_host = not sim.backend.is_gpu
         now = (step + 1) * dt_min  # minutes at the end of this step
         n = pop.n
         dead = xp.zeros(n, dtype=bool)
-        if n and self.killer_types:
-            # A contact search only when some killer is free and some target type is present
-            # (host-side test; on the GPU this is one small read per step).
-            t_h = sim.backend.asnumpy(pop.type[:n])
-            counts = np.bincount(t_h, minlength=len(self.table.cell_types))
-            is_killer = np.isin(t_h, self.killer_types)
-            free = is_killer & (sim.backend.asnumpy(pop["busy_until"][:n]) <= np.float32(now))
-            targets_present = counts[self.target_types].sum() > 0
-            if free.any() and targets_present:
-                pairs = contacts(
-                    pop, self.bio.contact_radius_um, self.killer_types, self.target_types, grid=sim.grid
-                )
-                killed, _ = rules.contact_kills(
-                    pop,
-                    pairs,
-                    self.table.can_kill,
-                    self.table.kill_p,
-                    now,
-                    self.bio.handling_time_min,
-                    self.bio.exhaustion_kills,
-                    step,
-                    sim.seed,
-                )
-                dead |= killed
+        if n and self.killer_types and self._contact_search_needed(pop, n, now, on_host):
+            pairs = contacts(
+                pop, self.bio.contact_radius_um, self.killer_types, self.target_types, grid=sim.grid
+            )
+            killed, _ = rules.contact_kills(
+                pop,
+                pairs,
+                self.table.can_kill,
+                self.table.kill_p,
+                now,
+                self.bio.handling_time_min,
+                self.bio.exhaustion_kills,
+                step,
+                sim.seed,
+            )
+            dead |= killed
         vox = sim.grid.voxel_index(pop.position[:n], xp=xp)
         f = sim.fields
         ifng_at = rules.sample_field(f["ifng"], vox) if "ifng" in self.fi else xp.zeros(n)
@@ -234,7 +268,22 @@ class Immunology:
             else 0.0
         )
         rtx_h *= self.bio.rituximab_tissue_penetration
-        u = [rng.uniform(w, xp) for w in rng.draw(pop.id[:n], step, rules.PURPOSE_FATE, 0, sim.seed, xp=xp)]
+        w = rng.draw(pop.id[:n], step, rules.PURPOSE_FATE, 0, sim.seed, xp=xp)
+        if on_host:  # the four words as one (4, n) array: one conversion, the same floats
+            u = rng.uniform(np.stack(w), xp)
+        else:
+            u = [rng.uniform(wk, xp) for wk in w]
+        if self._fate_tables is None or self._fate_tables.dt_min != float(dt_min):
+            self._fate_tables = rules.fate_tables(
+                self.ntypes,
+                dt_min,
+                self.table.death_per_min,
+                self.idx,
+                self.rates,
+                self.cd20,
+                self.car_mask,
+                xp,
+            )
         died, divide = rules.cell_fates(
             pop,
             u,
@@ -248,35 +297,85 @@ class Immunology:
             rtx_h,
             self.cd20,
             self.car_mask,
+            tables=self._fate_tables,
         )
         dead |= died
         divide &= ~dead
         # Exits into blood: a cell in a vessel voxel leaves with probability 1 - exp(-rate dt)
         # (the same law as agents.intravasate, here on the fate block's fourth word so the
-        # step needs one draw and one compaction).
+        # step needs one draw and one compaction). Types as after the fates.
         t = pop.type[:n].astype(np.int64)
-        in_vessel = self.vessel_mask.reshape(-1)[vox] != 0
-        leave = in_vessel & ~dead & ~divide & (u[3] < xp.asarray(self.p_exit)[t])
-        left = np.bincount(sim.backend.asnumpy(t[leave]), minlength=len(self.p_exit)) if n else None
+        leave = self._vessel_flat[vox]
+        leave &= ~dead
+        leave &= ~divide
+        leave &= u[3] < self._p_exit_d[t]
+        if on_host:
+            left = np.bincount(t[leave], minlength=self.ntypes) if leave.any() else None
+        else:
+            left = np.bincount(sim.backend.asnumpy(t[leave]), minlength=len(self.p_exit)) if n else None
         # Daughters start at the parent's position (crowding separates them) with its kills.
-        parents = xp.flatnonzero(divide)
-        d_pos = pop.position[parents].copy()
-        d_type = pop.type[parents].copy()
-        d_state = pop.state[parents].copy()
-        d_kills = pop["kills"][parents].copy()
-        d_last = pop["last_kill"][parents].copy()
+        if on_host and not divide.any():
+            parents = None
+        else:
+            parents = xp.flatnonzero(divide)
+            d_pos = pop.position[parents].copy()
+            d_type = pop.type[parents].copy()
+            d_state = pop.state[parents].copy()
+            d_kills = pop["kills"][parents].copy()
+            d_last = pop["last_kill"][parents].copy()
         engaged = pop["busy_until"][:n] > np.float32(now)
         # sources are computed on the cells alive after the kills (dead cells do not secrete)
-        self._sources(vox, ~dead & engaged, ~dead)
-        pop.remove(dead | leave)
+        alive = ~dead
+        self._sources(vox, engaged & alive, alive, t)
+        gone = dead | leave
+        if not on_host or gone.any():
+            pop.remove(gone)
         if left is not None:
             for ti in np.flatnonzero(left):
                 self._move_blood(self.table.cell_types[ti], int(left[ti]))
-        m = int(parents.shape[0])
+        m = 0 if parents is None else int(parents.shape[0])
         if m:
             n0 = pop.n
             pop.add(d_pos, d_type, state=d_state, kills=d_kills, last_kill=d_last)
             init_velocity(pop, sim.motility, sim.grid.ndim, sim.seed, rows=xp.arange(n0, pop.n))
+
+    def _contact_search_needed(self, pop, n: int, now: float, on_host: bool) -> bool:
+        """Whether a contact search can find a kill: some killer is free and a target is present.
+
+        GPU: one small device read per step (two flags). NumPy: also no search when no free
+        killer has a target of a type it kills within the contact radius; the distances are the
+        float32 ones of contacts() against the radius plus 0.1 %, so a skipped search is one
+        that finds no pair a free killer can claim (contact_kills would change nothing)."""
+        t = pop.type[:n]
+        busy = pop["busy_until"][:n]
+        if not on_host:
+            xp = self.xp
+            free = self._killer_mask_d[t] & (busy <= np.float32(now))
+            flags = self.sim.backend.asnumpy(xp.stack((free.any(), self._target_mask_d[t].any())))
+            return bool(flags[0]) and bool(flags[1])
+        free = self.killer_mask[t]
+        free &= busy <= np.float32(now)
+        fi = np.flatnonzero(free)
+        if fi.size == 0:
+            return False
+        ti = np.flatnonzero(self.target_mask[t])
+        if ti.size == 0:
+            return False
+        if fi.size * ti.size > self.prefilter_max_pairs:
+            return True
+        ok = self.table.can_kill[t[fi][:, None], t[ti]]
+        pos = pop.position
+        fx, tx = pos[fi], pos[ti]
+        d = tx[:, 0] - fx[:, 0, None]  # x_j - x_i, then y, z as contacts() sums them
+        r2 = d * d
+        d = tx[:, 1] - fx[:, 1, None]
+        d *= d
+        r2 += d
+        d = tx[:, 2] - fx[:, 2, None]
+        d *= d
+        r2 += d
+        ok &= r2 < self._r2_reach
+        return bool(ok.any())
 
     def exits(self, step: int, dt_min: float) -> None:
         """Cells in vessel voxels leaving into blood (agents.intravasate), moved to the blood pools.
@@ -302,30 +401,46 @@ class Immunology:
             for ti in np.flatnonzero(counts):
                 self._move_blood(self.table.cell_types[ti], int(counts[ti]))
 
-    def _sources(self, vox, engaged, alive) -> None:
-        """Fill self.source (n_fields, nz, ny, nx), units/min, from cells and tissue."""
+    def _sources(self, vox, engaged, alive, t=None) -> None:
+        """Fill self.source (n_fields, nz, ny, nx), units/min, from cells and tissue.
+
+        vox : int64 (n,) voxel of each cell; engaged, alive : bool (n,); t : int64 (n,) types
+        (read from the population when None)."""
         sim = self.sim
         xp = self.xp
         f = sim.fields
         src = self.source
         src[...] = 0
-        t = sim.cells.type[: sim.cells.n].astype(np.int64)
+        n = sim.cells.n
+        if t is None:
+            t = sim.cells.type[:n].astype(np.int64)
         shape = sim.grid.shape
         fi = self.fi
-        car = xp.asarray(self.car_mask)[t]
+        nvox = self.nvox
+        act = sim.cells.state[:n] == rules.ACTIVATED
+        if self._source_cat is not None:
+            # one integer count over (category, voxel): the same counts as three bincounts
+            k = t * 2
+            k += engaged
+            k *= 2
+            k += act
+            cat = xp.where(alive, self._source_cat[k], 3)
+            cat *= nvox
+            cat += vox
+            counts = xp.bincount(cat, minlength=4 * nvox)[: 3 * nvox].astype(np.float32).reshape(3, nvox)
+            n_ifng, n_mac, n_ab = counts[0], counts[1], counts[2]
+        else:
+            n_ifng = rules.count_per_voxel(vox, engaged & self._car_mask_d[t], nvox, xp)
+            mac_act = alive & (t == self.idx["macrophage"]) & act
+            n_mac = rules.count_per_voxel(vox, mac_act, nvox, xp)
+            n_ab = rules.count_per_voxel(vox, alive & self._secretes_ab_d[t], nvox, xp)
         if "ifng" in fi:
-            src[fi["ifng"]] = (
-                rules.count_per_voxel(vox, engaged & car, self.nvox, xp) * np.float32(self.ifng_per_cell)
-            ).reshape(shape)
-        mac_act = alive & (t == self.idx["macrophage"]) & (sim.cells.state[: sim.cells.n] == rules.ACTIVATED)
-        n_mac = rules.count_per_voxel(vox, mac_act, self.nvox, xp).reshape(shape)
+            src[fi["ifng"]] = (n_ifng * np.float32(self.ifng_per_cell)).reshape(shape)
+        n_mac = n_mac.reshape(shape)
         if "il6" in fi:
             src[fi["il6"]] = n_mac * np.float32(self.il6_per_cell)
         if "autoantibody" in fi:
-            ab = alive & xp.asarray(self.secretes_ab)[t]
-            src[fi["autoantibody"]] = (
-                rules.count_per_voxel(vox, ab, self.nvox, xp) * np.float32(self.ab_per_cell)
-            ).reshape(shape)
+            src[fi["autoantibody"]] = (n_ab * np.float32(self.ab_per_cell)).reshape(shape)
         bio = self.bio
         if "damage" in fi:
             dmg = f["damage"]

@@ -13,6 +13,7 @@ antigen-driven proliferation), ``kills`` (int32, accumulated kills, for exhausti
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -89,6 +90,82 @@ def sample_field(values, vox):
     return values.reshape(-1)[vox]
 
 
+@dataclass
+class FateTables:
+    """Per-type tables of cell_fates, built once (fate_tables) and gathered per cell.
+
+    Keys: kt = 2 type + activated (type, state); kd = 2 kt + stimulated (division).
+    death, cd20 : float64 / bool (ntypes,) (the hazard table is made per rituximab level);
+    p_div : float64 (4 ntypes,) division probability over dt; r_state : float64 (2 ntypes,)
+    constant state-change rates (1/min); kind : int8 (2 ntypes,) 1 where the rate is the resting
+    B cell's (b_act x damage), 2 the resting macrophage's (IFN-gamma and damage), 0 constant;
+    new_type, new_state : uint8 (2 ntypes,) type and state after a state change. All arrays of
+    the backend (``xp``), made once.
+    """
+
+    xp: object
+    dt_min: float
+    death: object
+    cd20: object
+    p_div: object
+    r_state: object
+    kind: object
+    new_type: object
+    new_state: object
+    _p_death: dict = field(default_factory=dict)
+
+    def p_death(self, rtx_hazard_per_min: float):
+        """Death probability over dt (ntypes,) at this rituximab hazard, the same floats as
+        prob(death[t] + cd20[t] x rtx, dt) cell by cell. Cached on the host (a few levels)."""
+        p = self._p_death.get(rtx_hazard_per_min)
+        if p is None:
+            xp = self.xp
+            p = prob(self.death + self.cd20 * rtx_hazard_per_min, self.dt_min, xp)
+            if xp is np:  # on the GPU rituximab changes it every step: no cache of device arrays
+                if len(self._p_death) >= 8:
+                    self._p_death.clear()
+                self._p_death[rtx_hazard_per_min] = p
+        return p
+
+
+def fate_tables(ntypes: int, dt_min: float, death_per_min, idx: dict, rates: dict, cd20, car_mask, xp=np):
+    """The FateTables of cell_fates for ``ntypes`` types (host inputs as in cell_fates)."""
+    nt = int(ntypes)
+    car = np.asarray(car_mask, dtype=bool)
+    b, pb, pc, mac = idx["b_cell"], idx["plasmablast"], idx["plasma_cell"], idx["macrophage"]
+    # division rate by (type, activated, stimulated): the values of cell_fates' where chain
+    div = np.zeros((nt, 2, 2), dtype=np.float64)
+    div[b, 0, :] = rates["b_div"]
+    div[b, 1, :] = rates["b_div_act"]
+    div[car, :, 1] = rates["car_div"]
+    r = np.zeros((nt, 2), dtype=np.float64)
+    kind = np.zeros((nt, 2), dtype=np.int8)
+    new_type = np.repeat(np.arange(nt, dtype=np.uint8)[:, None], 2, axis=1)
+    new_state = np.repeat(np.array([[RESTING, ACTIVATED]], dtype=np.uint8), nt, axis=0)
+    kind[b, 0] = 1  # resting B: activation by damage
+    new_state[b, 0] = ACTIVATED
+    r[b, 1] = rates["pb_diff"]  # activated B -> plasmablast
+    new_type[b, 1], new_state[b, 1] = pb, RESTING
+    r[pb, :] = rates["pc_diff"]  # plasmablast -> plasma cell
+    new_type[pb, :], new_state[pb, :] = pc, RESTING
+    kind[mac, 0] = 2  # resting macrophage: activation by IFN-gamma and damage
+    new_state[mac, 0] = ACTIVATED
+    r[mac, 1] = rates["mac_off"]
+    new_state[mac, 1] = RESTING
+    a = xp.asarray
+    return FateTables(
+        xp,
+        float(dt_min),
+        a(np.asarray(death_per_min, dtype=np.float64)),
+        a(np.asarray(cd20, dtype=bool)),
+        prob(a(div.reshape(-1)), dt_min, xp),
+        a(r.reshape(-1)),
+        a(kind.reshape(-1)),
+        a(new_type.reshape(-1)),
+        a(new_state.reshape(-1)),
+    )
+
+
 def cell_fates(
     pop,
     u,
@@ -102,6 +179,7 @@ def cell_fates(
     rtx_hazard_per_min: float,
     cd20,
     car_mask,
+    tables: FateTables | None = None,
 ):
     """Deaths, divisions and state changes of all live cells from four uniforms per cell.
 
@@ -110,44 +188,52 @@ def cell_fates(
     'macrophage'}; rates : per-minute rates (see Immunology). ifng_at, damage_at : (n,) field
     values at each cell (nM, rel). rtx_hazard_per_min : rituximab killing of CD20+ cells in
     tissue (1/min); cd20 : bool (ntypes,) CD20+ types; car_mask : bool (ntypes,) CAR types.
+    tables : fate_tables() of these inputs (made here when None; callers that step keep one).
     Returns (dead bool (n,), divide bool (n,)); type and state change in place.
+
+    Rules: death with hazard death_per_min + rtx (CD20+); division of B cells (faster when
+    activated) and of CAR-T stimulated by a kill within rates['stim_window']; one state change
+    per cell (resting B -> activated at b_act x damage; activated B -> plasmablast;
+    plasmablast -> plasma cell; resting macrophage -> activated at IFN-gamma and damage rates,
+    activated -> resting). Each probability is 1 - exp(-rate dt) of the cell's rate, gathered
+    from per-type tables where the rate is constant.
     """
     xp = pop.xp
     n = pop.n
+    if tables is None or tables.dt_min != float(dt_min):
+        ntypes = len(np.asarray(death_per_min))
+        tables = fate_tables(ntypes, dt_min, death_per_min, idx, rates, cd20, car_mask, xp)
     t = pop.type[:n].astype(np.int64)
     st = pop.state[:n]
-    hazard = xp.asarray(death_per_min)[t] + xp.asarray(cd20)[t] * rtx_hazard_per_min
-    dead = u[0] < prob(hazard, dt_min, xp)
-
-    is_b = t == idx["b_cell"]
-    is_car = xp.asarray(car_mask)[t]
     act = st == ACTIVATED
-    div_rate = xp.zeros(n, dtype=np.float64)
-    div_rate = xp.where(is_b, xp.where(act, rates["b_div_act"], rates["b_div"]), div_rate)
+    kt = t * 2
+    kt += act
+    dead = u[0] < tables.p_death(rtx_hazard_per_min)[t]
+
     stimulated = (np.float32(now_min) - pop["last_kill"][:n]) < rates["stim_window"]
-    div_rate = xp.where(is_car & stimulated, rates["car_div"], div_rate)
-    divide = (u[1] < prob(div_rate, dt_min, xp)) & ~dead
+    kd = kt * 2
+    kd += stimulated
+    divide = u[1] < tables.p_div[kd]
+    divide &= ~dead
 
     # State changes (one draw: the states are exclusive, so one uniform decides each cell).
-    is_pb = t == idx["plasmablast"]
-    is_mac = t == idx["macrophage"]
-    r_state = xp.zeros(n, dtype=np.float64)
-    r_state = xp.where(is_b & ~act, rates["b_act"] * damage_at, r_state)
-    r_state = xp.where(is_b & act, rates["pb_diff"], r_state)
-    r_state = xp.where(is_pb, rates["pc_diff"], r_state)
+    r_state = tables.r_state[kt]
+    kind = tables.kind[kt]
+    r_state = xp.where(kind == 1, rates["b_act"] * damage_at, r_state)
     mac_on = rates["mac_ifng"] * ifng_at / (ifng_at + rates["mac_kd"]) + rates["mac_damage"] * damage_at
-    r_state = xp.where(is_mac & ~act, mac_on, r_state)
-    r_state = xp.where(is_mac & act, rates["mac_off"], r_state)
-    change = (u[2] < prob(r_state, dt_min, xp)) & ~dead & ~divide
-    # B: resting -> activated; activated -> plasmablast; plasmablast -> plasma cell
-    to_pb = change & is_b & act
-    to_pc = change & is_pb
-    b_on = change & is_b & ~act
-    pop.type[:n] = xp.where(to_pb, np.uint8(idx["plasmablast"]), pop.type[:n])
-    pop.type[:n] = xp.where(to_pc, np.uint8(idx["plasma_cell"]), pop.type[:n])
-    new_state = xp.where(b_on | (change & is_mac & ~act), np.uint8(ACTIVATED), st)
-    new_state = xp.where(to_pb | to_pc | (change & is_mac & act), np.uint8(RESTING), new_state)
-    pop.state[:n] = new_state
+    r_state = xp.where(kind == 2, mac_on, r_state)
+    change = u[2] < prob(r_state, dt_min, xp)
+    change &= ~dead
+    change &= ~divide
+    # B: resting -> activated; activated -> plasmablast; plasmablast -> plasma cell;
+    # macrophage: resting <-> activated
+    if xp is np:
+        if change.any():
+            np.copyto(pop.type[:n], tables.new_type[kt], where=change)
+            np.copyto(pop.state[:n], tables.new_state[kt], where=change)
+    else:
+        pop.type[:n] = xp.where(change, tables.new_type[kt], pop.type[:n])
+        pop.state[:n] = xp.where(change, tables.new_state[kt], st)
     return dead, divide
 
 
