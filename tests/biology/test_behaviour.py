@@ -71,13 +71,16 @@ def test_cd19_spares_tissue_plasma_cells_and_the_patch_leaves_the_systemic_cours
     # (expected 92 % left after 60 days; >= 70 % fails with < 2 % chance for 8-15 cells)
     assert len(alive) >= 0.7 * len(ids0), (len(alive), len(ids0))
     ts = _table(sim)
-    # the blood course of the coupled run is the systemic model's within a few percent (the
-    # patch moves a few cells per day between tissue and blood)
+    # the serum course of the coupled run is the systemic model's within 2 % (the patch moves
+    # a few cells per day between tissue and blood)
     ref, _ = run_blood(sim.cfg, 60.0, dt_min=15.0, every_days=1.0)
     for col, tol in (("serum_autoantibody_rel", 0.02), ("blood_plasma_cell_per_ul", 0.02)):
         assert ts[col][-1] == pytest.approx(ref[col][-1], rel=tol), col
+    # CAR-T: the inflamed tissue the patch stands for holds CAR-T that are no longer in blood
+    # (each patch CAR-T is 0.22 cells/uL on this grid), so the coupled blood peak is lower
+    # (~20 % measured), never above the systemic one by more than the exits' noise
     car, car_ref = ts["blood_cd19_car_t_per_ul"], ref["blood_cd19_car_t_per_ul"]
-    assert car.max() == pytest.approx(car_ref.max(), rel=0.05)
+    assert 0.6 * car_ref.max() <= car.max() <= 1.05 * car_ref.max()
     # autoantibody falls slowly: the long-lived plasma-cell share stays
     assert 0.3 < ts["serum_autoantibody_rel"][-1] < 0.6
 
