@@ -86,6 +86,7 @@ def test_cd19_spares_tissue_plasma_cells_and_the_patch_leaves_the_systemic_cours
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two 90-day runs, ~6 min on 2 idle cores
 def test_bcma_kills_tissue_plasma_cells_and_halves_autoantibody_by_day_90():
     start = end = 0
     for seed in (0, 1):
