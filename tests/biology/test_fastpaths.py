@@ -95,12 +95,7 @@ def test_cell_fates_tables_match_the_per_cell_formulation_bitwise():
     nt = len(sim.cell_types)
     n = 4000
     pop = Population(NUMPY, capacity=n)
-    for name, dt, fill in (
-        ("busy_until", np.float32, 0.0),
-        ("last_kill", np.float32, -1e30),
-        ("kills", np.int32, 0),
-    ):
-        pop.register(name, dt, fill)
+    rules.register_cell_attributes(pop)
     pop.add(np.zeros((n, 3)), rng.integers(0, nt, n).astype(np.uint8), state=rng.integers(0, 2, n))
     pop["last_kill"][:n] = np.where(rng.random(n) < 0.5, -1e30, rng.uniform(0, 100, n)).astype(np.float32)
     for rtx in (0.0, 3e-4):

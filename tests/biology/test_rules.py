@@ -28,12 +28,7 @@ def _pop(n_pairs, spacing=40.0, sep=5.0, target=B):
     side = math.ceil(math.sqrt(n_pairs))
     grid = Grid((1, side * 4, side * 4), 10.0)
     pop = Population(NUMPY, capacity=2 * n_pairs + 8)
-    for name, dt, fill in (
-        ("busy_until", np.float32, 0.0),
-        ("last_kill", np.float32, -1e30),
-        ("kills", np.int32, 0),
-    ):
-        pop.register(name, dt, fill)
+    rules.register_cell_attributes(pop)
     k = np.arange(n_pairs)
     base = np.stack([(k % side) * spacing + 5.0, (k // side) * spacing + 5.0, np.full(n_pairs, 5.0)], 1)
     pop.add(base, CAR)
@@ -86,20 +81,7 @@ def test_car_t_does_not_kill_antigen_negative_cells():
 def _fates(pop, dt, now, step, ifng=0.0, damage=0.0, rtx=0.0):
     n = pop.n
     u = [rules.rng.uniform(w) for w in rules.rng.draw(pop.id[:n], step, rules.PURPOSE_FATE, 0, 3)]
-    d = 1440.0
-    rates = {
-        "b_div": BIO.b_cell_division_per_day / d,
-        "b_div_act": BIO.activated_b_cell_division_per_day / d,
-        "car_div": math.log(2.0) / (BIO.car_t_doubling_days * d),
-        "stim_window": np.float32(1e9),
-        "b_act": BIO.b_cell_activation_per_day / d,
-        "pb_diff": BIO.plasmablast_differentiation_per_day / d,
-        "pc_diff": BIO.plasma_cell_differentiation_per_day / d,
-        "mac_ifng": BIO.macrophage_activation_per_day / d,
-        "mac_kd": BIO.macrophage_ifng_kd_nM,
-        "mac_damage": BIO.macrophage_damage_activation_per_day / d,
-        "mac_off": BIO.macrophage_deactivation_per_day / d,
-    }
+    rates = {**rules.fate_rates(BIO), "stim_window": np.float32(1e9)}
     idx = {k: CELL_TYPES.index(k) for k in ("b_cell", "plasmablast", "plasma_cell", "macrophage")}
     car = np.zeros(len(CELL_TYPES), bool)
     car[CAR] = True
@@ -141,12 +123,7 @@ def test_stimulated_car_t_double_every_0_78_days():
 def test_lifespan_deaths_follow_the_exponential_law():
     n = 20000
     pop = Population(NUMPY, capacity=n)
-    for name, dt, fill in (
-        ("busy_until", np.float32, 0.0),
-        ("last_kill", np.float32, -1e30),
-        ("kills", np.int32, 0),
-    ):
-        pop.register(name, dt, fill)
+    rules.register_cell_attributes(pop)
     # anti-CAR T cells neither divide nor change state here: deaths alone
     pop.add(np.full((n, 3), 5.0), CELL_TYPES.index("anti_car_t"))
     dt = 60.0

@@ -505,12 +505,8 @@ def run_blood(cfg, duration_days: float, dt_min: float = 15.0, every_days: float
     columns of the simulation's timeseries (crs_grade is the highest grade since the last row);
     events a list of therapy.Event in the order given.
     """
-    from omegaconf import DictConfig, OmegaConf
-
+    from tissuesim.biology.immunology import plain  # here: immunology imports this module
     from tissuesim.biology.therapy import Event, TherapySchedule
-
-    def plain(node):
-        return OmegaConf.to_object(node) if isinstance(node, DictConfig) else node
 
     bio, therapy = plain(cfg.biology), plain(cfg.therapy)
     blood = Blood(bio.blood, {p: str(c.target) for p, c in bio.car_products.items()}, therapy)

@@ -13,8 +13,6 @@ blood volume (uL) cells/uL between blood and tissue. Arrivals per vessel voxel p
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from tissuesim.agents import extravasate, init_velocity, intravasate, rng, vessel_sites
@@ -24,7 +22,6 @@ from tissuesim.biology.blood import Blood
 from tissuesim.biology.cells import build_cell_table, ifng_nM_per_min_per_cell, pg_per_ml_per_min_per_cell
 
 MIN_PER_DAY = 1440.0
-LAST_KILL_NEVER = -1.0e30
 
 
 def poisson_small(means, seed: int, step: int) -> np.ndarray:
@@ -83,13 +80,7 @@ class Immunology:
         products = {p: str(c.target) for p, c in bio.car_products.items()}
         self.blood = Blood(bio.blood, products, plain(cfg.therapy))
         pop = sim.cells
-        for name, dt, fill in (
-            ("busy_until", np.float32, 0.0),
-            ("last_kill", np.float32, LAST_KILL_NEVER),
-            ("kills", np.int32, 0),
-        ):
-            if name not in pop.names:
-                pop.register(name, dt, fill)
+        rules.register_cell_attributes(pop)
         g = sim.grid
         self.voxel_um3 = g.dx**3
         self.nvox = int(np.prod(g.shape))
@@ -108,20 +99,7 @@ class Immunology:
         self.cd20 = t.carrying("CD20")
         self.secretes_ab = np.zeros(len(t.cell_types), bool)
         self.secretes_ab[[self.idx["plasmablast"], self.idx["plasma_cell"]]] = True
-        d = MIN_PER_DAY
-        self.rates = {
-            "b_div": bio.b_cell_division_per_day / d,
-            "b_div_act": bio.activated_b_cell_division_per_day / d,
-            "car_div": math.log(2.0) / (bio.car_t_doubling_days * d),
-            "stim_window": np.float32(bio.stimulation_window_min),
-            "b_act": bio.b_cell_activation_per_day / d,
-            "pb_diff": bio.plasmablast_differentiation_per_day / d,
-            "pc_diff": bio.plasma_cell_differentiation_per_day / d,
-            "mac_ifng": bio.macrophage_activation_per_day / d,
-            "mac_kd": bio.macrophage_ifng_kd_nM,
-            "mac_damage": bio.macrophage_damage_activation_per_day / d,
-            "mac_off": bio.macrophage_deactivation_per_day / d,
-        }
+        self.rates = rules.fate_rates(bio)
         # Secretion per cell as a rate of concentration in its voxel (units/min).
         self.ifng_per_cell = ifng_nM_per_min_per_cell(bio.ifng_molecules_per_cell_per_s, self.voxel_um3)
         self.il6_per_cell = pg_per_ml_per_min_per_cell(bio.il6_pg_per_cell_per_hour, self.voxel_um3)
@@ -134,7 +112,6 @@ class Immunology:
         self.fi = {n: f.index(n) for n in f.names}
         self.damage0 = f["damage"].copy() if "damage" in f.names else None
         self.repair_per_min = cfg.fields["damage"].decay_per_min if "damage" in f.names else 0.0
-        self.max_crs = 0
         self.p_exit = -np.expm1(-self.table.intravasation * sim.dt_min)
         self.source = self.xp.zeros_like(f.values)
         # Per-type tables on the device, made once (no host-to-device copy inside the step).
@@ -212,7 +189,6 @@ class Immunology:
         """Blood ODE, then arrivals from blood. Returns blood events (CRS management)."""
         sim = self.sim
         events = self.blood.advance(dt_min)
-        self.max_crs = max(self.max_crs, self.blood.step_grade)
         pop = sim.cells
         infl = self.inflammation_factor()
         n0 = pop.n

@@ -27,6 +27,38 @@ RESTING = 0
 ACTIVATED = 1
 
 
+LAST_KILL_NEVER = -1.0e30  # last_kill of a cell that never killed (min)
+
+
+def register_cell_attributes(pop) -> None:
+    """Register the per-cell attributes the rules use (see the module docstring), if absent."""
+    for name, dt, fill in (
+        ("busy_until", np.float32, 0.0),
+        ("last_kill", np.float32, LAST_KILL_NEVER),
+        ("kills", np.int32, 0),
+    ):
+        if name not in pop.names:
+            pop.register(name, dt, fill)
+
+
+def fate_rates(bio) -> dict:
+    """The per-minute rates of cell_fates from the ``biology`` config section (plain dataclass)."""
+    d = 1440.0
+    return {
+        "b_div": bio.b_cell_division_per_day / d,
+        "b_div_act": bio.activated_b_cell_division_per_day / d,
+        "car_div": math.log(2.0) / (bio.car_t_doubling_days * d),
+        "stim_window": np.float32(bio.stimulation_window_min),
+        "b_act": bio.b_cell_activation_per_day / d,
+        "pb_diff": bio.plasmablast_differentiation_per_day / d,
+        "pc_diff": bio.plasma_cell_differentiation_per_day / d,
+        "mac_ifng": bio.macrophage_activation_per_day / d,
+        "mac_kd": bio.macrophage_ifng_kd_nM,
+        "mac_damage": bio.macrophage_damage_activation_per_day / d,
+        "mac_off": bio.macrophage_deactivation_per_day / d,
+    }
+
+
 def prob(rate_per_min, dt_min: float, xp=np):
     """Probability of at least one event of a Poisson process of ``rate`` (1/min) within dt."""
     return -xp.expm1(-xp.asarray(rate_per_min, dtype=np.float64) * dt_min)
