@@ -38,6 +38,13 @@ def be(request):
     return select_backend("cupy")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that take the ``gpu_be`` fixture are GPU tests: mark them so ``-m gpu`` selects them."""
+    for item in items:
+        if "gpu_be" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.gpu)
+
+
 @pytest.fixture
 def gpu_be():
     """The cupy backend, or skip."""

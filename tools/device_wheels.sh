@@ -7,7 +7,7 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD; bash tools/gpu_check.sh "$OUT"
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
-bash ../shared/device/wheels.sh tifffile
+bash ../shared/device/wheels.sh tifffile pytest-timeout
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
   -d .whl "scipy>=1.10,<1.18"
