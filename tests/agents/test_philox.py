@@ -100,9 +100,13 @@ def test_gpu_philox_bit_parity(gpu_be):
     )
     exp = np.stack(rng.draw(ids, 77, 3, 1, seed), axis=1)
     np.testing.assert_array_equal(cp.asnumpy(out), exp)
-    # the xp-generic twin on cupy gives the same bits too
+    # rng.draw on cupy (which launches philox_fill) and the element-wise form on cupy agree too
     np.testing.assert_array_equal(
         np.stack([cp.asnumpy(o) for o in rng.draw(cp.asarray(ids), 77, 3, 1, seed, xp=cp)], 1), exp
+    )
+    np.testing.assert_array_equal(
+        np.stack([cp.asnumpy(o) for o in rng.draw_elementwise(cp.asarray(ids), 77, 3, 1, seed, xp=cp)], 1),
+        exp,
     )
     a, b = exp[:, 0].copy(), exp[:, 1].copy()
     z0 = cp.zeros(ids.size, dtype=cp.float32)

@@ -82,6 +82,15 @@ def draw(ids, step: int, purpose: int, draw_index: int, seed: int, xp=np):
             k0, k1 = seed_key(seed)
             c3 = ((int(purpose) << 16) | (int(draw_index) & 0xFFFF)) & _MASK32
             return _philox_ids_numpy(ids.view(np.uint64), int(step) & _MASK32, c3, k0, k1)
+    ids = xp.asarray(ids, dtype=xp.int64)
+    if ids.ndim == 1 and ids.size < 2**31:
+        return _draw_kernel(ids, step, purpose, draw_index, seed, xp)
+    return draw_elementwise(ids, step, purpose, draw_index, seed, xp)
+
+
+def draw_elementwise(ids, step: int, purpose: int, draw_index: int, seed: int, xp=np):
+    """:func:`draw` as whole-array operations on ``xp`` (the reference form for any array module;
+    on CuPy some 150 small kernels, which the fused kernel of :func:`draw` replaces)."""
     ids = xp.asarray(ids, dtype=xp.int64).view(xp.uint64)
     lo = (ids & xp.uint64(_MASK32)).astype(xp.uint32)
     hi = (ids >> xp.uint64(32)).astype(xp.uint32)
@@ -89,6 +98,41 @@ def draw(ids, step: int, purpose: int, draw_index: int, seed: int, xp=np):
     c3 = xp.full(ids.shape, ((int(purpose) << 16) | (int(draw_index) & 0xFFFF)) & _MASK32, dtype=xp.uint32)
     k0, k1 = seed_key(seed)
     return philox4x32_10(lo, hi, c2, c3, k0, k1, xp=xp)
+
+
+_GPU_BACKENDS: dict = {}
+
+
+def _draw_kernel(ids, step: int, purpose: int, draw_index: int, seed: int, xp):
+    """CuPy: :func:`draw` by the kernel philox_fill of kernels/agents.cu (one launch; the same bits
+    as draw_elementwise, checked in tests/agents/test_philox.py). Returns four strided views
+    of one (n, 4) uint32 array."""
+    from tissuesim.agents import _kernels as K
+    from tissuesim.backend import Backend
+
+    dev = xp.cuda.Device().id
+    be = _GPU_BACKENDS.get(dev)
+    if be is None:
+        be = _GPU_BACKENDS[dev] = Backend("cupy", xp, dev)
+    n = int(ids.shape[0])
+    out = xp.empty((n, 4), dtype=xp.uint32)
+    k0, k1 = seed_key(seed)
+    K.launch(
+        be,
+        "philox_fill",
+        n,
+        (
+            xp.ascontiguousarray(ids),
+            np.int32(n),
+            np.uint32(int(step) & _MASK32),
+            np.uint32(int(purpose) & 0xFFFF),
+            np.uint32(int(draw_index) & 0xFFFF),
+            np.uint32(k0),
+            np.uint32(k1),
+            out,
+        ),
+    )
+    return out[:, 0], out[:, 1], out[:, 2], out[:, 3]
 
 
 def draw_blocks(ids, step: int, purpose: int, draw_indices, seed: int):
