@@ -250,3 +250,18 @@ def device_constant(be: Backend, host: np.ndarray):
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def scatter_add(xp: ModuleType, a, index, value) -> None:
+    """``a[index] += value`` with repeated indices accumulated (numpy.add.at), in place.
+
+    On CuPy this is one atomic-add kernel and never synchronises (``xp.bincount`` reads the
+    largest index back to size its result). Integer counts are exact in any order; CuPy's
+    atomics take int32, uint32, uint64 and float32/float64 ``a``.
+    """
+    if xp is np:
+        np.add.at(a, index, value)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(a, index, value)

@@ -77,6 +77,8 @@ class Grid:
         positions : (n, 3) float array of x, y, z in um (numpy or cupy, as ``xp``).
         Returns int64 (n,) flat indices into a C-ordered (nz, ny, nx) array.
         """
+        if xp is not np and positions.ndim == 2:
+            return self._voxel_index_columns(positions, xp)
         o = xp.asarray(self.origin, dtype=positions.dtype)
         if xp is np and positions.ndim == 2:
             # the same arithmetic as below in fewer array operations: clip = max then min, and the
@@ -100,3 +102,17 @@ class Grid:
         j = xp.clip(ijk[:, 1], 0, self.ny - 1)
         k = xp.clip(ijk[:, 2], 0, self.nz - 1)
         return (k * self.ny + j) * self.nx + i
+
+    def _voxel_index_columns(self, positions, xp):
+        """voxel_index one axis at a time with the origin as scalars: the same float32 and int64
+        arithmetic, without copying the origin to the device (a host-to-device copy, which a
+        CUDA graph capture refuses)."""
+        f = positions.dtype.type
+        flat = None
+        stride = 1
+        for a, n in enumerate((self.nx, self.ny, self.nz)):
+            c = xp.floor((positions[:, a] - f(self.origin[a])) / self.dx).astype(xp.int64)
+            c = xp.clip(c, 0, n - 1)
+            flat = c if flat is None else flat + c * stride
+            stride *= n
+        return flat

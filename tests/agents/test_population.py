@@ -78,3 +78,55 @@ def test_counts_by_type(be):
     pop = Population(be)
     pop.add(be.xp.zeros((5, 3)), be.xp.asarray([0, 2, 2, 6, 2], dtype=np.uint8))
     np.testing.assert_array_equal(be.asnumpy(pop.counts_by_type(7)), [1, 0, 3, 0, 0, 0, 1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_remove_and_divide_equals_remove_then_add(be, seed):
+    """The one-read compaction gives the buffers that remove() then add() of the daughters give."""
+    rs = np.random.default_rng(seed)
+    pops = []
+    n = 300 if seed else 1  # one cell: the smallest population
+    pos = rs.uniform(0, 100, (n, 3)).astype(np.float32)
+    types = rs.integers(0, 5, n).astype(np.uint8)
+    state = rs.integers(0, 2, n).astype(np.uint8)
+    kills = rs.integers(0, 9, n).astype(np.int32)
+    busy = rs.uniform(0, 5, n).astype(np.float32)
+    vel = rs.normal(0, 1, (n, 3)).astype(np.float32)
+    for _ in range(2):
+        p = Population(be, capacity=n + 1, attrs={"kills": np.int32})
+        p.register("busy_until", np.float32, fill=-7.0)
+        p.add(be.asarray(pos), be.asarray(types), state=be.asarray(state))
+        p["kills"][:n] = be.asarray(kills)
+        p["busy_until"][:n] = be.asarray(busy)
+        p.velocity[:n] = be.asarray(vel)
+        pops.append(p)
+    gone = rs.random(n) < 0.3
+    divide = rs.random(n) < 0.4  # some of them gone too: those do not divide
+    inherit = ("position", "type", "state", "kills")
+    a, b = pops
+    parents = np.flatnonzero(divide & ~gone)
+    d = {k: a[k][be.asarray(parents)].copy() for k in inherit}
+    removed_a = a.remove(be.asarray(gone))
+    a.add(d["position"], d["type"], state=d["state"], kills=d["kills"])
+    extra = be.asarray(np.array([5, 0, 3], dtype=np.int64))
+    removed_b, born, got = b.remove_and_divide(be.asarray(gone), be.asarray(divide), inherit, extra=extra)
+    assert (removed_b, born) == (removed_a, parents.size)
+    np.testing.assert_array_equal(got, [5, 0, 3])
+    assert (b.n, b.next_id) == (a.n, a.next_id)
+    for name in a.names:  # whole buffers: the rows past n hold the fill in both
+        np.testing.assert_array_equal(
+            be.asnumpy(a[name][: a.capacity]), be.asnumpy(b[name][: a.capacity]), name
+        )
+
+
+def test_bin_ranges_equal_counting(be):
+    from tissuesim.agents.neighbours import bin_ranges
+
+    rs = np.random.default_rng(4)
+    for n, nbins in ((0, 5), (1, 1), (500, 37), (2000, 3000)):
+        bins = np.sort(rs.integers(0, nbins, n)).astype(np.int64)
+        start, end = bin_ranges(be.xp, be.asarray(bins), nbins)
+        counts = np.bincount(bins, minlength=nbins)
+        np.testing.assert_array_equal(be.asnumpy(end), np.cumsum(counts))
+        np.testing.assert_array_equal(be.asnumpy(start), np.cumsum(counts) - counts)
+        assert be.asnumpy(start).dtype == np.int32

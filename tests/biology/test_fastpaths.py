@@ -132,7 +132,7 @@ def test_contact_precheck_never_skips_a_search_that_finds_a_claimable_pair():
         pop.add(centre + rng.uniform(-radius, radius, (k, 3)) * np.array([1.5, 1.5, 0]), b)
         now = 10.0
         pop["busy_until"][: pop.n] = np.where(rng.random(pop.n) < 0.2, 20.0, 0.0).astype(np.float32)
-        need = imm._contact_search_needed(pop, pop.n, now, True)
+        need = imm._contact_search_needed(pop, pop.n, now)
         pairs = contacts(pop, radius, imm.killer_types, imm.target_types, grid=sim.grid)
         i, j = pairs.i.astype(np.int64), pairs.j.astype(np.int64)
         t = pop.type[: pop.n]
@@ -142,3 +142,42 @@ def test_contact_precheck_never_skips_a_search_that_finds_a_claimable_pair():
         skipped += not need
         assert need or not claimable, trial
     assert found > 30 and skipped > 30
+
+
+def _engage(sim, pairs: int, rs) -> None:
+    """CD19 CAR-T / B cell and BCMA CAR-T / plasma cell pairs 3 um apart in open voxels."""
+    open_idx = np.flatnonzero(sim.tissue.open_mask().reshape(-1))
+    k, j, i = np.unravel_index(rs.choice(open_idx, 2 * pairs, replace=False), sim.grid.shape)
+    target = ((np.stack([i, j, k], 1) + 0.5) * sim.grid.dx).astype(np.float32)
+    ct = sim.cell_types
+    tt = np.repeat([ct.index("b_cell"), ct.index("plasma_cell")], pairs).astype(np.uint8)
+    kt = np.repeat([ct.index("cd19_car_t"), ct.index("bcma_car_t")], pairs).astype(np.uint8)
+    sim.cells.add(np.concatenate([target, target + np.float32([3, 0, 0])]), np.concatenate([tt, kt]))
+
+
+def test_device_path_of_the_step_is_bitwise_the_host_path():
+    """Immunology.device_paths, the sync-free forms the GPU takes (padded contact buffer, kills
+    as masks, one compaction that appends the daughters, atomic per-voxel counts), run here on
+    NumPy arrays: 120 steps with many kills, births and exits end in the host path's state, bit
+    for bit."""
+    cfg = ["grid=small", "backend=numpy", "output.progress=false", "therapy=cd19", "seed=5"]
+    sims = []
+    for device in (False, True):
+        sim = tissuesim.Simulation(tissuesim.load_config(cfg))
+        sim.immunology.device_paths = device
+        sim.run(until_day=0.5)
+        _engage(sim, 150, np.random.default_rng(2))
+        sims.append(sim)
+    a, b = sims
+    n0, id0 = a.cells.n, a.cells.next_id
+    for _ in range(120):
+        a.step()
+        b.step()
+    assert (a.cells.n, a.cells.next_id) == (b.cells.n, b.cells.next_id)
+    for name in a.cells.names:
+        assert a.cells.view(name).tobytes() == b.cells.view(name).tobytes(), name
+    assert a.fields.values.tobytes() == b.fields.values.tobytes()
+    assert a.blood.y == b.blood.y
+    # the path was exercised: kills, deaths and births happened
+    assert int(a.cells.view("kills").sum()) >= 5
+    assert a.cells.next_id > id0 and a.cells.n < n0 + (a.cells.next_id - id0)

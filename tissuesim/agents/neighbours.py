@@ -97,11 +97,20 @@ def build_cell_list(pop: Population, grid: Grid, width: float) -> CellList:
     geo = CellList(None, None, None, float(width), nb, tuple(grid.origin), n).geometry_args()
     K.launch(pop.be, "bin_keys", n, (pos, np.int32(n), *geo, key))
     order = xp.argsort(key)
-    # cells per bin by counting (O(n + nbins)); the sorted order makes each bin one range
-    counts = xp.bincount(key // max(n, 1), minlength=nbins) if n else xp.zeros(nbins, dtype=np.int64)
-    end = xp.cumsum(counts).astype(np.int32)
-    start = end - counts.astype(np.int32)
+    start, end = bin_ranges(xp, key[order] // max(n, 1), nbins)
     return CellList(order.astype(np.int32), start, end, float(width), nb, tuple(grid.origin), n)
+
+
+def bin_ranges(xp, sorted_bins, nbins: int):
+    """Row range [start, end) of each bin in ``sorted_bins`` (int64 (n,), ascending), int32 (nbins,).
+
+    Two binary searches per bin (O(nbins log n)) instead of a bincount: CuPy's bincount reads
+    the largest bin back to the host to size its result (a sync in every step's cell list).
+    """
+    b = xp.arange(nbins, dtype=sorted_bins.dtype)
+    start = xp.searchsorted(sorted_bins, b, side="left").astype(np.int32)
+    end = xp.searchsorted(sorted_bins, b, side="right").astype(np.int32)
+    return start, end
 
 
 def _sort_by_bin(b, n: int, nbins: int):

@@ -170,6 +170,48 @@ class Population:
         self.n = m
         return removed
 
+    def remove_and_divide(self, gone, divide, inherit=(), extra=None):
+        """Remove the rows where ``gone``, then append one daughter of every row where ``divide``;
+        one device read in all (the counts), instead of one per removal and one per birth.
+
+        gone, divide : bool (n,) (divide is ignored where gone). inherit : attribute names the
+        daughters copy from their parent (the rest get the registered fill, velocity 0, age 0, as
+        :meth:`add` gives). extra : optional int64 (k,) device array read back with the counts.
+        The result is that of ``remove(gone)`` followed by ``add`` of the daughters in parent-row
+        order (new ids next_id, next_id + 1, ...): survivors keep their order, daughters follow.
+        Returns (removed, born, extra as host int64 (k,) or None).
+        """
+        xp = self.xp
+        n = self.n
+        if n == 0:
+            return 0, 0, None if extra is None else self.be.asnumpy(extra)
+        keep = ~gone[:n]
+        div = divide[:n] & keep
+        # room for a daughter of every cell, since the number of births is not known yet
+        self.reserve(2 * n)
+        cap = self.capacity
+        kr = xp.cumsum(keep, dtype=np.int64)  # survivor rank + 1
+        dr = xp.cumsum(div, dtype=np.int64)  # daughter rank + 1
+        n_keep = kr[-1]
+        dest = xp.where(keep, kr - 1, cap)  # rows that go write into a spare last row
+        ddest = xp.where(div, n_keep + dr - 1, cap)
+        for name, a in self._arrays.items():
+            tmp = xp.full((cap + 1, *a.shape[1:]), self._fill[name], dtype=a.dtype)
+            tmp[dest] = a[:n]
+            if name == "id":
+                tmp[ddest] = self.next_id + dr - 1
+            elif name in inherit:
+                tmp[ddest] = a[:n]
+            a[...] = tmp[:cap]
+        parts = [n_keep[None], dr[-1:]]
+        if extra is not None:
+            parts.append(xp.asarray(extra, dtype=np.int64).reshape(-1))
+        got = self.be.asnumpy(xp.concatenate(parts))  # the one sync
+        kept, born = int(got[0]), int(got[1])
+        self.n = kept + born
+        self.next_id += born
+        return n - kept, born, (got[2:] if extra is not None else None)
+
     def counts_by_type(self, ntypes: int):
         """Live cells per type, int64 (ntypes,) on the device (no sync)."""
         return self.xp.bincount(self.view("type"), minlength=ntypes)[:ntypes]

@@ -17,6 +17,7 @@ import numpy as np
 
 from tissuesim.agents import extravasate, init_velocity, intravasate, rng, vessel_sites
 from tissuesim.agents.neighbours import contacts
+from tissuesim.backend import scatter_add
 from tissuesim.biology import rules
 from tissuesim.biology.blood import Blood
 from tissuesim.biology.cells import build_cell_table, ifng_nM_per_min_per_cell, pg_per_ml_per_min_per_cell
@@ -122,8 +123,15 @@ class Immunology:
         self.killer_mask[self.killer_types] = True
         self.target_mask = np.zeros(nt, bool)
         self.target_mask[self.target_types] = True
-        self._killer_mask_d = xp.asarray(self.killer_mask)
-        self._target_mask_d = xp.asarray(self.target_mask)
+        #: the step's sync-free formulations (GPU): contacts into a padded buffer, kills as masks,
+        #: one compaction that also appends the daughters, per-voxel counts by atomic adds; the
+        #: step then reads the device once (the new cell count and the exits per type). NumPy
+        #: takes the compact forms (fewer operations); both give the same cells, bit for bit.
+        self.device_paths = bool(sim.backend.is_gpu)
+        self._ones_buf = None
+        self._can_kill_d = xp.asarray(self.table.can_kill)
+        self._kill_p_d = xp.asarray(np.asarray(self.table.kill_p, dtype=np.float64))
+        self._type_range_d = xp.arange(nt, dtype=np.int64)
         self._car_mask_d = xp.asarray(self.car_mask)
         self._secretes_ab_d = xp.asarray(self.secretes_ab)
         self._p_exit_d = xp.asarray(self.p_exit)
@@ -212,26 +220,52 @@ class Immunology:
         sim = self.sim
         xp = self.xp
         pop = sim.cells
-        on_host = not sim.backend.is_gpu
+        on_host = not self.device_paths
         now = (step + 1) * dt_min  # minutes at the end of this step
         n = pop.n
         dead = xp.zeros(n, dtype=bool)
-        if n and self.killer_types and self._contact_search_needed(pop, n, now, on_host):
-            pairs = contacts(
-                pop, self.bio.contact_radius_um, self.killer_types, self.target_types, grid=sim.grid
-            )
-            killed, _ = rules.contact_kills(
-                pop,
-                pairs,
-                self.table.can_kill,
-                self.table.kill_p,
-                now,
-                self.bio.handling_time_min,
-                self.bio.exhaustion_kills,
-                step,
-                sim.seed,
-            )
-            dead |= killed
+        if n and self.killer_types:
+            if on_host:
+                if self._contact_search_needed(pop, n, now):
+                    pairs = contacts(
+                        pop, self.bio.contact_radius_um, self.killer_types, self.target_types, grid=sim.grid
+                    )
+                    killed, _ = rules.contact_kills(
+                        pop,
+                        pairs,
+                        self.table.can_kill,
+                        self.table.kill_p,
+                        now,
+                        self.bio.handling_time_min,
+                        self.bio.exhaustion_kills,
+                        step,
+                        sim.seed,
+                    )
+                    dead |= killed
+            else:
+                # a pair buffer no contact count can outgrow in practice (a killer touches a
+                # dozen cells at most); an overflow would be flagged and read at output time
+                pop.pair_capacity = max(pop.pair_capacity, 16 * n, 1024)
+                pairs = contacts(
+                    pop,
+                    self.bio.contact_radius_um,
+                    self.killer_types,
+                    self.target_types,
+                    grid=sim.grid,
+                    exact=False,
+                )
+                killed, _ = rules.contact_kills_masked(
+                    pop,
+                    pairs,
+                    self._can_kill_d,
+                    self._kill_p_d,
+                    now,
+                    self.bio.handling_time_min,
+                    self.bio.exhaustion_kills,
+                    step,
+                    sim.seed,
+                )
+                dead |= killed
         vox = sim.grid.voxel_index(pop.position[:n], xp=xp)
         f = sim.fields
         ifng_at = rules.sample_field(f["ifng"], vox) if "ifng" in self.fi else xp.zeros(n)
@@ -245,7 +279,7 @@ class Immunology:
         )
         rtx_h *= self.bio.rituximab_tissue_penetration
         w = rng.draw(pop.id[:n], step, rules.PURPOSE_FATE, 0, sim.seed, xp=xp)
-        if on_host:  # the four words as one (4, n) array: one conversion, the same floats
+        if xp is np:  # the four words as one (4, n) array: one conversion, the same floats
             u = rng.uniform(np.stack(w), xp)
         else:
             u = [rng.uniform(wk, xp) for wk in w]
@@ -285,49 +319,65 @@ class Immunology:
         leave &= ~dead
         leave &= ~divide
         leave &= u[3] < self._p_exit_d[t]
-        if on_host:
-            left = np.bincount(t[leave], minlength=self.ntypes) if leave.any() else None
-        else:
-            left = np.bincount(sim.backend.asnumpy(t[leave]), minlength=len(self.p_exit)) if n else None
-        # Daughters start at the parent's position (crowding separates them) with its kills.
-        if on_host and not divide.any():
-            parents = None
-        else:
-            parents = xp.flatnonzero(divide)
-            d_pos = pop.position[parents].copy()
-            d_type = pop.type[parents].copy()
-            d_state = pop.state[parents].copy()
-            d_kills = pop["kills"][parents].copy()
-            d_last = pop["last_kill"][parents].copy()
         engaged = pop["busy_until"][:n] > np.float32(now)
         # sources are computed on the cells alive after the kills (dead cells do not secrete)
         alive = ~dead
         self._sources(vox, engaged & alive, alive, t)
+        if on_host:
+            self._births_and_exits_host(pop, dead, leave, divide, t)
+        else:
+            self._births_and_exits_device(pop, dead, leave, divide, t)
+
+    #: what a daughter takes from its parent (position, type, state, and its kill history)
+    INHERIT = ("position", "type", "state", "kills", "last_kill")
+
+    def _births_and_exits_host(self, pop, dead, leave, divide, t) -> None:
+        sim = self.sim
+        xp = self.xp
+        if xp is np:
+            left = np.bincount(t[leave], minlength=self.ntypes) if leave.any() else None
+        else:  # the host path on the GPU (for comparisons)
+            left = np.bincount(sim.backend.asnumpy(t[leave]), minlength=self.ntypes)
+        # Daughters start at the parent's position (crowding separates them) with its kills.
+        parents = xp.flatnonzero(divide)
+        if parents.shape[0]:
+            d = {name: pop[name][parents].copy() for name in self.INHERIT}
         gone = dead | leave
-        if not on_host or gone.any():
+        if gone.any():
             pop.remove(gone)
         if left is not None:
             for ti in np.flatnonzero(left):
                 self._move_blood(self.table.cell_types[ti], int(left[ti]))
-        m = 0 if parents is None else int(parents.shape[0])
-        if m:
+        if parents.shape[0]:
             n0 = pop.n
-            pop.add(d_pos, d_type, state=d_state, kills=d_kills, last_kill=d_last)
+            pop.add(d["position"], d["type"], state=d["state"], kills=d["kills"], last_kill=d["last_kill"])
             init_velocity(pop, sim.motility, sim.grid.ndim, sim.seed, rows=xp.arange(n0, pop.n))
 
-    def _contact_search_needed(self, pop, n: int, now: float, on_host: bool) -> bool:
-        """Whether a contact search can find a kill: some killer is free and a target is present.
+    def _births_and_exits_device(self, pop, dead, leave, divide, t) -> None:
+        """The same as _births_and_exits_host with one device read (Population.remove_and_divide)."""
+        sim = self.sim
+        xp = self.xp
+        # exits per type without a host read: a (ntypes, n) one-hot sum (ntypes is small)
+        left = ((t[None, :] == self._type_range_d[:, None]) & leave[None, :]).sum(axis=1)
+        _removed, born, left = pop.remove_and_divide(dead | leave, divide, self.INHERIT, extra=left)
+        for ti in np.flatnonzero(left):
+            self._move_blood(self.table.cell_types[ti], int(left[ti]))
+        if born:
+            init_velocity(pop, sim.motility, sim.grid.ndim, sim.seed, rows=xp.arange(pop.n - born, pop.n))
 
-        GPU: one small device read per step (two flags). NumPy: also no search when no free
-        killer has a target of a type it kills within the contact radius; the distances are the
-        float32 ones of contacts() against the radius plus 0.1 %, so a skipped search is one
-        that finds no pair a free killer can claim (contact_kills would change nothing)."""
+    def _contact_search_needed(self, pop, n: int, now: float) -> bool:
+        """Whether a contact search can find a kill (NumPy): some free killer has a target of a
+        type it kills within the contact radius. The distances are the float32 ones of
+        contacts() against the radius plus 0.1 %, so a skipped search is one that finds no pair a
+        free killer can claim (contact_kills would change nothing). The device path always
+        searches: deciding would need a host read."""
         t = pop.type[:n]
         busy = pop["busy_until"][:n]
-        if not on_host:
+        if self.xp is not np:  # the host path on the GPU (for comparisons): two flags read back
             xp = self.xp
-            free = self._killer_mask_d[t] & (busy <= np.float32(now))
-            flags = self.sim.backend.asnumpy(xp.stack((free.any(), self._target_mask_d[t].any())))
+            free = xp.asarray(self.killer_mask)[t] & (busy <= np.float32(now))
+            tgt = xp.asarray(self.target_mask)[t]
+            flags = self.sim.backend.asnumpy(xp.stack((free.any(), tgt.any())))
             return bool(flags[0]) and bool(flags[1])
         free = self.killer_mask[t]
         free &= busy <= np.float32(now)
@@ -403,7 +453,12 @@ class Immunology:
             cat = xp.where(alive, self._source_cat[k], 3)
             cat *= nvox
             cat += vox
-            counts = xp.bincount(cat, minlength=4 * nvox)[: 3 * nvox].astype(np.float32).reshape(3, nvox)
+            if self.device_paths:  # atomic integer adds: no host read (see backend.scatter_add)
+                counts = xp.zeros(4 * nvox, dtype=np.int32)
+                scatter_add(xp, counts, cat, self._ones(cat.shape[0]))
+            else:
+                counts = xp.bincount(cat, minlength=4 * nvox)
+            counts = counts[: 3 * nvox].astype(np.float32).reshape(3, nvox)
             n_ifng, n_mac, n_ab = counts[0], counts[1], counts[2]
         else:
             n_ifng = rules.count_per_voxel(vox, engaged & self._car_mask_d[t], nvox, xp)
@@ -434,6 +489,12 @@ class Immunology:
                 c10 += np.float32(bio.cxcl10_nM_per_min) * g / (g + np.float32(bio.cxcl10_ifng_kd_nM))
             if "damage" in fi:
                 c10 += np.float32(bio.cxcl10_nM_per_min_per_damage) * f["damage"]
+
+    def _ones(self, n: int):
+        """int32 ones (n,) on the device, kept between steps (a view of a grown buffer)."""
+        if self._ones_buf is None or self._ones_buf.shape[0] < n:
+            self._ones_buf = self.xp.ones(max(n, 1024) * 2, dtype=np.int32)
+        return self._ones_buf[:n]
 
     def c_blood(self, names, dtype):
         """Blood concentrations for the fields' vessel exchange (n_fields,), host array."""

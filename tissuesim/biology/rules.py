@@ -19,6 +19,7 @@ import numpy as np
 
 from tissuesim.agents import rng
 from tissuesim.agents.neighbours import Pairs, claim_targets
+from tissuesim.backend import scatter_add
 
 PURPOSE_FATE = rng.PURPOSE_USER  # death, division, state change: one Philox block per cell
 PURPOSE_KILL = rng.PURPOSE_USER + 1
@@ -115,6 +116,55 @@ def contact_kills(
     pop["last_kill"][s] = xp.where(hit, np.float32(now_min), pop["last_kill"][s])
     dead[tgt[hit]] = True
     return dead, s
+
+
+def contact_kills_masked(
+    pop,
+    pairs: Pairs,
+    can_kill,
+    kill_p,
+    now_min: float,
+    handling_min: float,
+    exhaustion_kills: float,
+    step: int,
+    seed: int,
+):
+    """:func:`contact_kills` without a host read: the same kills, as per-row masks.
+
+    pairs may be a -1-padded buffer (contacts(exact=False)); can_kill (ntypes, ntypes) bool and
+    kill_p (ntypes,) float64 are backend arrays. Where contact_kills gathers the claimed rows
+    (whose count the host would have to read), this form computes the kill test for every row
+    and masks it; each killer's uniform is keyed by its id, so the draws, and therefore the
+    kills, are those of contact_kills. Returns (dead: bool (n,), engaged: bool (n,) killers that
+    engaged now).
+    """
+    xp = pop.xp
+    n = pop.n
+    if n == 0 or pairs.i.shape[0] == 0:
+        return xp.zeros(n, dtype=bool), xp.zeros(n, dtype=bool)
+    t = pop.type[:n].astype(np.int64)
+    i = pairs.i.astype(np.int64)
+    j = pairs.j.astype(np.int64)
+    ok = (i >= 0) & (j >= 0)
+    ok &= can_kill[t[xp.where(ok, i, 0)], t[xp.where(ok, j, 0)]]
+    pi = xp.where(ok, i, -1).astype(np.int32)
+    pj = xp.where(ok, j, -1).astype(np.int32)
+    busy = pop["busy_until"][:n]
+    free = busy <= np.float32(now_min)
+    target_of, _ = claim_targets(pop, Pairs(pi, pj, None), source_ok=free)
+    engaged = target_of >= 0
+    kills = pop["kills"][:n]
+    p = kill_p[t] * xp.exp(-kills.astype(np.float64) / exhaustion_kills)
+    u = rng.uniform(rng.draw(pop.id[:n], step, PURPOSE_KILL, 0, seed, xp=xp)[0], xp)
+    hit = engaged & (u < p)
+    busy[...] = xp.where(engaged, np.float32(now_min + handling_min), busy)
+    kills += hit.astype(np.int32)
+    last = pop["last_kill"][:n]
+    last[...] = xp.where(hit, np.float32(now_min), last)
+    # targets of the hits; the others write into a spare last row
+    dead = xp.zeros(n + 1, dtype=bool)
+    dead[xp.where(hit, target_of.astype(np.int64), n)] = True
+    return dead[:n], engaged
 
 
 def sample_field(values, vox):
@@ -275,7 +325,12 @@ def count_per_voxel(vox, mask, nvox: int, xp=np):
     Counting with an integer bincount, then scaling, keeps the sources free of order-dependent
     float atomics (DESIGN.md section 3).
     """
-    return xp.bincount(vox[mask], minlength=nvox)[:nvox].astype(np.float32)
+    if xp is np:
+        return np.bincount(vox[mask], minlength=nvox)[:nvox].astype(np.float32)
+    # no host read: masked cells count into a spare last bin
+    counts = xp.zeros(nvox + 1, dtype=np.int32)
+    scatter_add(xp, counts, xp.where(mask, vox, nvox), xp.ones(vox.shape, dtype=np.int32))
+    return counts[:nvox].astype(np.float32)
 
 
 def ln2_over(x: float) -> float:
