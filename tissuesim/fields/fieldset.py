@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ import numpy as np
 from tissuesim.fields import ops
 from tissuesim.fields.boundary import normalize_bc
 from tissuesim.fields.solvers import AUTO_MAX_EXPLICIT_SUBSTEPS, explicit_stable_dt, substeps_needed
+
+log = logging.getLogger(__name__)
 
 SOLVERS = ("auto", "explicit", "lod")
 BUDGET_TERMS = ("dirichlet_in", "vessel_in", "source_in", "decay_out", "uptake_out")
@@ -61,6 +64,23 @@ class _Plan:
     lod: tuple | None  # (slots, {face: slots}) or None
     solver: dict  # name -> 'explicit' | 'lod' | 'none'
     substeps: dict  # name -> explicit substeps (0 for lod / none)
+
+
+def _abandon(stream):
+    """End a failed capture, discarding what was captured."""
+    try:
+        stream.end_capture()
+    except Exception:
+        pass
+    return None
+
+
+def _ptr(a):
+    """Identity of a device buffer for the graph key (None for no array)."""
+    if a is None:
+        return None
+    data = getattr(a, "data", None)
+    return (getattr(data, "ptr", id(a)), tuple(a.shape), str(a.dtype))
 
 
 class FieldSet:
@@ -158,6 +178,9 @@ class FieldSet:
         self._U = None
         self._lod_work = None
         self._plans: dict[float, _Plan] = {}
+        #: CuPy: replay each step as a CUDA graph (see :meth:`step`); False forces plain launches
+        self.use_graph = bool(be.is_gpu)
+        self._graph = None  # (key, graph, private memory pool, c_blood buffer)
         self.reset_budget()
         self.dt = dt
         if dt is not None:
@@ -275,6 +298,62 @@ class FieldSet:
         dt = self.dt if dt is None else float(dt)
         if dt is None:
             raise ValueError("FieldSet.step: no dt given and none configured")
+        if self.use_graph and self.be.is_gpu and not self.track_budget:
+            self._step_graph(dt, source, uptake, c_blood)
+        else:
+            self._step_now(dt, source, uptake, c_blood)
+        self.time += dt
+
+    def _step_graph(self, dt, source, uptake, c_blood) -> None:
+        """The step as one CUDA graph launch (CuPy): a step of 6 fields is some 10-40 small
+        kernels, each costing CuPy several microseconds of Python to launch; a graph launches them
+        all at once. The graph is captured at the first step and again whenever dt, the source or
+        uptake array (the same device buffer from step to step, its content read at replay) or the
+        presence of c_blood changes; c_blood is copied into a fixed buffer before each replay.
+        Temporaries of the captured step come from a private memory pool held with the graph, so
+        no other array ever takes their addresses. Capture also proves the step sync-free: CUDA
+        refuses a synchronising call while capturing."""
+        import cupy
+
+        xp = self.xp
+        key = (dt, _ptr(source), _ptr(uptake), c_blood is None)
+        g = self._graph
+        if g is not None and g[0] == key:
+            _, graph, _pool, cb = g
+            if cb is not None:
+                cb[...] = xp.asarray(c_blood, dtype=xp.float64).reshape(len(self.specs))
+            graph.launch(cupy.cuda.get_current_stream())
+            return
+        pool = cupy.cuda.MemoryPool()
+        cb = None if c_blood is None else xp.empty(len(self.specs), dtype=xp.float64)
+        with cupy.cuda.using_allocator(pool.malloc):
+            if cb is not None:
+                cb[...] = xp.asarray(c_blood, dtype=xp.float64).reshape(len(self.specs))
+            # this step's work, done plainly (it also allocates the work arrays the graph uses)
+            self._step_now(dt, source, uptake, cb)
+            stream = cupy.cuda.Stream(non_blocking=True)
+            # the capture stream must not run ahead of the work queued so far (it is not
+            # executed while capturing, but make the order explicit for later replays)
+            stream.wait_event(cupy.cuda.get_current_stream().record())
+            error = None
+            with stream:
+                stream.begin_capture(cupy.cuda.runtime.streamCaptureModeRelaxed)
+                try:
+                    self._step_now(dt, source, uptake, cb)
+                except Exception as e:  # a call that synchronises: CUDA refuses it in capture
+                    error = e
+                finally:
+                    graph = stream.end_capture() if error is None else _abandon(stream)
+        if error is not None:
+            # this step's work is done (above); later steps launch plainly
+            log.warning("fields: CUDA graph capture failed (%s); using plain launches", error)
+            self.use_graph = False
+            self._graph = None
+            return
+        self._graph = (key, graph, pool, cb)
+
+    def _step_now(self, dt, source, uptake, c_blood) -> None:
+        """One step of plain launches (NumPy, or CuPy outside a graph)."""
         p = self.plan(dt)
         be, xp = self.be, self.xp
         u = self.values
@@ -315,7 +394,6 @@ class FieldSet:
                     ops.dirichlet_inflow(xp, u, self.D, sub, self.bc_val, h_dx2, acc_d)
 
         self._react(dt, source, uptake, c_blood)
-        self.time += dt
 
     def _check(self, name, a):
         if a is None:
