@@ -41,8 +41,8 @@ def main(argv=None) -> None:
     cells = a.cells or ([1e4, 1e5, 1e6, 3e6] if be.is_gpu else [1e3, 3e3, 1e4, 3e4])
     fixed_cells = int(cells[0])
     fixed_side = sides[1]
-    vox = [run_case(f"{s}:{fixed_cells}", a.backend, a.seconds) for s in sides]
-    cel = [run_case(f"{fixed_side}:{int(c)}", a.backend, a.seconds) for c in cells]
+    vox = [run_case(f"{s}:{fixed_cells}", a.backend, a.seconds, phases=False) for s in sides]
+    cel = [run_case(f"{fixed_side}:{int(c)}", a.backend, a.seconds, phases=False) for c in cells]
     nv = [np.prod(r["shape"]) for r in vox]
     tv = [r["seconds_per_step"] for r in vox]
     nc = [r["n_cells"] for r in cel]

@@ -171,8 +171,17 @@ def python_overhead(case: str, backend: str, seconds: float) -> dict:
     }
 
 
-def run_case(case: str, backend: str, seconds: float) -> dict:
+#: switches for side-by-side runs of the older step formulations (set by main's flags)
+VARIANT = {"host_paths": False, "no_graph": False}
+
+
+def run_case(case: str, backend: str, seconds: float, phases: bool = True) -> dict:
+    """Steps per second of one case; with ``phases`` also the phase breakdown and output cost."""
     sim = build(case, backend)
+    if VARIANT["host_paths"]:
+        sim.immunology.device_paths = False
+    if VARIANT["no_graph"]:
+        sim.fields.use_graph = False
     be = sim.backend
     for _ in range(3):
         sim.step()
@@ -185,6 +194,19 @@ def run_case(case: str, backend: str, seconds: float) -> dict:
         n += 1
     be.synchronize()
     per_step = (time.perf_counter() - t0) / n
+    base = {
+        "case": case,
+        "shape": list(sim.grid.shape),
+        "n_fields": len(sim.fields.names),
+        "n_cells": int(sim.cells.n),
+        "steps_timed": n,
+        "seconds_per_step": per_step,
+        "steps_per_second": 1.0 / per_step,
+        "ns_per_voxel_field": per_step / (sim.grid.n_voxels * len(sim.fields.names)) * 1e9,
+        "ns_per_cell": per_step / max(sim.cells.n, 1) * 1e9,
+    }
+    if not phases:
+        return base
     # the same again with phase timers
     totals = dict.fromkeys(PHASES, 0.0)
     present = [p for p in PHASES if _wrap(sim, p, totals, be.synchronize)]
@@ -198,19 +220,7 @@ def run_case(case: str, backend: str, seconds: float) -> dict:
     if "arrivals" in phases and "blood" in phases:
         phases["arrivals"] -= phases["blood"]  # the blood ODE runs inside before_move
     phases["rest"] = max(timed_step - sum(phases.values()), 0.0)
-    return {
-        "case": case,
-        "shape": list(sim.grid.shape),
-        "n_fields": len(sim.fields.names),
-        "n_cells": int(sim.cells.n),
-        "steps_timed": n,
-        "seconds_per_step": per_step,
-        "steps_per_second": 1.0 / per_step,
-        "ns_per_voxel_field": per_step / (sim.grid.n_voxels * len(sim.fields.names)) * 1e9,
-        "ns_per_cell": per_step / max(sim.cells.n, 1) * 1e9,
-        "phase_seconds_per_step": phases,
-        "output_seconds": _output_cost(sim),
-    }
+    return {**base, "phase_seconds_per_step": phases, "output_seconds": _output_cost(sim)}
 
 
 def _is_preset(case: str) -> bool:
@@ -224,7 +234,15 @@ def main(argv=None) -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="time spent per case (default 3)")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--no-overhead", action="store_true", help="skip the Python-overhead estimate")
+    ap.add_argument(
+        "--host-paths", action="store_true", help="GPU: the biology's host-read formulation (the older step)"
+    )
+    ap.add_argument(
+        "--no-graph", action="store_true", help="GPU: field step by plain launches, no CUDA graph"
+    )
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name (step_gpu<tag>.json)")
     a = ap.parse_args(argv)
+    VARIANT["host_paths"], VARIANT["no_graph"] = a.host_paths, a.no_graph
     be = select_backend(a.backend)
     cases = a.cases or (GPU_CASES if be.is_gpu else CPU_CASES)
     results = []
@@ -232,6 +250,26 @@ def main(argv=None) -> None:
     print(
         f"{'case':>10} {'shape':>16} {'cells':>8} {'steps/s':>9} {'ns/vox-fld':>10} {'ns/cell':>8}  phases (ms)"
     )
+    info = {
+        "backend": be.name,
+        "device": be.describe(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "numpy_version": np.__version__,
+        "tissuesim_version": tissuesim.__version__,
+        "python_overhead_method": (
+            "NumPy presets only: intercept of step time vs voxels over 100/75/50% of the preset's "
+            "side, divided by the preset's step time (the size-independent share of the step: "
+            "Python and NumPy call dispatch outside the compiled loops)"
+        ),
+    }
+    if be.is_gpu:
+        import cupy
+
+        info["cupy_version"] = cupy.__version__
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"step_{'gpu' if be.is_gpu else 'cpu'}{a.tag}.json"
+    info["variant"] = dict(VARIANT)
     for case in cases:
         r = run_case(case, a.backend, a.seconds)
         if not be.is_gpu and _is_preset(case) and not a.no_overhead:
@@ -250,22 +288,8 @@ def main(argv=None) -> None:
                 f"{'':>10} python overhead {po['fraction']:.0%} of the step "
                 f"({po['overhead_seconds_per_step'] * 1e3:.2f} ms, fit over {len(po['points'])} sizes)"
             )
-    info = {
-        "backend": be.name,
-        "device": be.describe(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "numpy_version": np.__version__,
-        "tissuesim_version": tissuesim.__version__,
-    }
-    a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"step_{'gpu' if be.is_gpu else 'cpu'}.json"
-    info["python_overhead_method"] = (
-        "NumPy presets only: intercept of step time vs voxels over 100/75/50% of the preset's "
-        "side, divided by the preset's step time (the size-independent share of the step: "
-        "Python and NumPy call dispatch outside the compiled loops)"
-    )
-    path.write_text(json.dumps({"info": info, "results": results}, indent=1) + "\n")
+        # written after every case, so a run cut short keeps what it measured
+        path.write_text(json.dumps({"info": info, "results": results}, indent=1) + "\n")
     print(f"wrote {path}")
 
 

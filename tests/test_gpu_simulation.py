@@ -1,0 +1,147 @@
+"""The whole Simulation on CuPy against the same Simulation on NumPy (skipped without a GPU).
+
+The biology layer is element-wise CuPy on the GPU and NumPy on the CPU; both draw the same
+counter-based random numbers (Philox keyed by seed, cell id, step and purpose) and the blood ODE
+runs on the host in float64 on both. So from one state (a NumPy checkpoint restored into a CuPy
+simulation) the two backends must take the same decisions in each part of the step: which cells
+arrive, are killed, divide, die, change state and leave, and what they secrete. The move is the
+one part whose float32 positions differ in the last bits (fused multiply-adds on the GPU; a few
+cells per thousand then take another reflection or sub-step), so whole runs are compared
+statistically.
+The ``gpu_be`` fixture skips these tests without a GPU and marks them ``gpu``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import tissuesim
+from tissuesim.io import checkpoint
+
+BASE = ["grid=small", "output.progress=false", "seed=3"]
+
+
+def _sim(backend: str, therapy: str):
+    return tissuesim.Simulation(tissuesim.load_config([*BASE, f"backend={backend}", f"therapy={therapy}"]))
+
+
+def _engage(sim, engagements: int = 150) -> None:
+    """Add CD19 CAR-T / B cell and BCMA CAR-T / plasma cell pairs 3 um apart in open voxels, so
+    that kills, divisions and deaths happen every few steps (the patch alone changes only a few
+    times in a hundred steps). The same cells for the same simulation state."""
+    rs = np.random.default_rng(7)
+    open_idx = np.flatnonzero(sim.tissue.open_mask().reshape(-1))
+    k, j, i = np.unravel_index(rs.choice(open_idx, 2 * engagements, replace=False), sim.grid.shape)
+    target = ((np.stack([i, j, k], 1) + 0.5) * sim.grid.dx).astype(np.float32)
+    if sim.grid.nz == 1:
+        target[:, 2] = 0.5 * sim.grid.dx
+    killer = target + np.float32([3.0, 0.0, 0.0])
+    ct = sim.cell_types
+    t_types = np.repeat([ct.index("b_cell"), ct.index("plasma_cell")], engagements).astype(np.uint8)
+    k_types = np.repeat([ct.index("cd19_car_t"), ct.index("bcma_car_t")], engagements).astype(np.uint8)
+    be = sim.backend
+    sim.cells.add(
+        be.asarray(np.concatenate([target, killer])), be.asarray(np.concatenate([t_types, k_types]))
+    )
+
+
+def _cells(sim) -> dict[str, np.ndarray]:
+    n = sim.cells.n
+    return {k: sim.backend.asnumpy(sim.cells[k][:n]) for k in sim.cells.names}
+
+
+def _same_state(c, b, what: str) -> None:
+    """The NumPy simulation c and the CuPy simulation b hold the same cells, sources and blood."""
+    ca, cb = _cells(c), _cells(b)
+    assert ca["id"].shape == cb["id"].shape, f"{what}: {ca['id'].size} vs {cb['id'].size} cells"
+    for name in ca:
+        if ca[name].dtype.kind == "f":
+            # daughters' and newcomers' velocities come from float32 normals: last-bit differences
+            np.testing.assert_allclose(ca[name], cb[name], rtol=1e-5, atol=1e-4, err_msg=f"{what}: {name}")
+        else:
+            np.testing.assert_array_equal(ca[name], cb[name], err_msg=f"{what}: {name}")
+    np.testing.assert_allclose(
+        c.immunology.source, b.backend.asnumpy(b.immunology.source), rtol=1e-5, atol=1e-12, err_msg=what
+    )
+    for key in c.blood.y:
+        assert c.blood.y[key] == pytest.approx(b.blood.y[key], rel=1e-12, abs=1e-15), f"{what}: blood {key}"
+
+
+@pytest.mark.parametrize("therapy,day", [("cd19", 0.5), ("bcma", 1.0), ("rituximab", 0.5)])
+def test_each_step_part_takes_the_same_decisions_on_both_backends(gpu_be, therapy, day):
+    """From one state (with 300 fresh killer-target pairs), the arrivals (before_move) and the contacts, kills, fates, divisions, exits
+    and sources (after_move) of CuPy equal NumPy's, over 25 states of a NumPy run. The move itself
+    is compared with its NumPy twin in tests/agents/test_gpu_parity.py (float32 positions differ
+    in the last bits, so whole steps are compared statistically below)."""
+    a = _sim("numpy", therapy)
+    a.run(until_day=day)
+    c, b = _sim("numpy", therapy), _sim("cupy", therapy)
+    changed = 0
+    for k in range(25):
+        a.step()
+        arrays, meta = checkpoint.capture(a)
+        s, dt = a.step_count, a.dt_min
+        for part in ("before_move", "after_move"):
+            for sim in (c, b):
+                checkpoint.restore(sim, arrays, meta)
+                _engage(sim)
+                sim.immunology.source[...] = 0
+                getattr(sim.immunology, part)(s, dt)
+            _same_state(c, b, f"{therapy} state {k} {part}")
+        changed += c.cells.n != meta["n_cells"] + 600
+    # the comparison is only worth something if cells were killed, born, changed or left
+    assert changed >= 8, f"{therapy}: after_move changed the cells in only {changed} of 25 states"
+
+
+def test_the_biology_runs_on_cupy_and_tracks_numpy_over_a_day(gpu_be):
+    """One day of CD19 therapy from day 0 on both backends: the same course within noise."""
+    rows = {}
+    for name in ("numpy", "cupy"):
+        sim = _sim(name, "cd19")
+        sim.run(until_day=1.0)
+        rows[name] = sim.record_timeseries()
+        assert sim.cells.check_flags() == 0
+    a, b = rows["numpy"], rows["cupy"]
+    assert a["count_cd19_car_t"] > 0 and b["count_cd19_car_t"] > 0
+    for t in ("b_cell", "plasma_cell", "cd19_car_t", "macrophage"):
+        na, nb = a[f"count_{t}"], b[f"count_{t}"]
+        assert abs(na - nb) <= max(3.0, 0.25 * na), (t, na, nb)
+    for key in ("blood_cd19_car_t_per_ul", "serum_autoantibody_rel", "serum_il6_pg_per_ml"):
+        assert b[key] == pytest.approx(a[key], rel=0.05), key
+
+
+def test_run_directory_on_cupy(gpu_be, tmp_path):
+    from tissuesim.runner import run_to_directory
+
+    cfg = tissuesim.load_config(
+        [*BASE, "backend=cupy", "therapy=cd19", "duration_days=0.5", "output.snapshot_every_days=0.25"]
+    )
+    run_to_directory(cfg, tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["backend"] == "cupy" and s["status"] == "completed"
+    with tissuesim.open_run(tmp_path) as r:
+        assert r.attrs["backend"] == "cupy"
+        np.testing.assert_allclose(r.times, [0.0, 0.25, 0.5])
+        ag = r.agents(-1)
+        assert len(ag["id"]) > 0 and np.all(np.diff(ag["id"]) > 0)
+
+
+def test_field_graph_in_a_run_equals_plain_launches(gpu_be):
+    """A CuPy run whose field step replays a CUDA graph (the default) equals, bit for bit, the
+    same run launching the field kernels one by one: fields, cells and blood after 300 steps."""
+    sims = []
+    for graph in (True, False):
+        sim = _sim("cupy", "cd19")
+        sim.fields.use_graph = graph
+        sim.run(until_day=300 * sim.dt_min / 1440)
+        sims.append(sim)
+    a, b = sims
+    assert a.fields._graph is not None and b.fields._graph is None
+    assert gpu_be.asnumpy(a.fields.values).tobytes() == gpu_be.asnumpy(b.fields.values).tobytes()
+    ca, cb = _cells(a), _cells(b)
+    for name in ca:
+        assert ca[name].tobytes() == cb[name].tobytes(), name
+    assert a.blood.y == b.blood.y
