@@ -220,51 +220,12 @@ class Immunology:
         sim = self.sim
         xp = self.xp
         pop = sim.cells
-        on_host = not self.device_paths
         now = (step + 1) * dt_min  # minutes at the end of this step
         n = pop.n
         dead = xp.zeros(n, dtype=bool)
         if n and self.killer_types:
-            if on_host:
-                if self._contact_search_needed(pop, n, now):
-                    pairs = contacts(
-                        pop, self.bio.contact_radius_um, self.killer_types, self.target_types, grid=sim.grid
-                    )
-                    killed, _ = rules.contact_kills(
-                        pop,
-                        pairs,
-                        self.table.can_kill,
-                        self.table.kill_p,
-                        now,
-                        self.bio.handling_time_min,
-                        self.bio.exhaustion_kills,
-                        step,
-                        sim.seed,
-                    )
-                    dead |= killed
-            else:
-                # a pair buffer no contact count can outgrow in practice (a killer touches a
-                # dozen cells at most); an overflow would be flagged and read at output time
-                pop.pair_capacity = max(pop.pair_capacity, 16 * n, 1024)
-                pairs = contacts(
-                    pop,
-                    self.bio.contact_radius_um,
-                    self.killer_types,
-                    self.target_types,
-                    grid=sim.grid,
-                    exact=False,
-                )
-                killed, _ = rules.contact_kills_masked(
-                    pop,
-                    pairs,
-                    self._can_kill_d,
-                    self._kill_p_d,
-                    now,
-                    self.bio.handling_time_min,
-                    self.bio.exhaustion_kills,
-                    step,
-                    sim.seed,
-                )
+            killed = self._contact_kills(pop, n, now, step)
+            if killed is not None:
                 dead |= killed
         vox = sim.grid.voxel_index(pop.position[:n], xp=xp)
         f = sim.fields
@@ -323,10 +284,39 @@ class Immunology:
         # sources are computed on the cells alive after the kills (dead cells do not secrete)
         alive = ~dead
         self._sources(vox, engaged & alive, alive, t)
-        if on_host:
+        if not self.device_paths:
             self._births_and_exits_host(pop, dead, leave, divide, t)
         else:
             self._births_and_exits_device(pop, dead, leave, divide, t)
+
+    def _contact_kills(self, pop, n: int, now: float, step: int):
+        """Contacts and kills of this step: bool (n,) targets killed, or None (no search)."""
+        if self.device_paths:
+            # a pair buffer no contact count can outgrow in practice (a killer touches a dozen
+            # cells at most); an overflow would be flagged and read at output time
+            pop.pair_capacity = max(pop.pair_capacity, 16 * n, 1024)
+            exact, kill = False, rules.contact_kills_masked
+            can_kill, kill_p = self._can_kill_d, self._kill_p_d
+        else:
+            if not self._contact_search_needed(pop, n, now):
+                return None
+            exact, kill = True, rules.contact_kills
+            can_kill, kill_p = self.table.can_kill, self.table.kill_p
+        r = self.bio.contact_radius_um
+        pairs = contacts(pop, r, self.killer_types, self.target_types, grid=self.sim.grid, exact=exact)
+        bio = self.bio
+        killed, _ = kill(
+            pop,
+            pairs,
+            can_kill,
+            kill_p,
+            now,
+            bio.handling_time_min,
+            bio.exhaustion_kills,
+            step,
+            self.sim.seed,
+        )
+        return killed
 
     #: what a daughter takes from its parent (position, type, state, and its kill history)
     INHERIT = ("position", "type", "state", "kills", "last_kill")
