@@ -4,8 +4,10 @@ One step of ``dt_min`` minutes runs, in this order (DESIGN.md section 2, one dir
 therapy events -> blood ODE and arrivals from blood -> cells sense fields and move -> contacts
 (kill, engage) -> deaths, divisions, differentiation -> exits into blood -> secretion sources ->
 fields react and diffuse -> clock (tissuesim.biology.immunology holds the biology).
-The loop never reads device memory inside a step; counts and readouts are copied to the host
-only at output intervals (timeseries rows and snapshots), which are whole numbers of steps.
+On the GPU a step reads device memory once: the cell count after deaths and births, with the
+exits per type (Population.remove_and_divide); the blood ODE and the arrivals run on the host
+from host state. Readouts, flags and snapshots are copied to the host only at output intervals
+(timeseries rows and snapshots), which are whole numbers of steps.
 
 Usable from Python without Hydra::
 
