@@ -115,3 +115,22 @@ def test_cli_exits_nonzero_with_one_line_and_no_run_dir(tmp_path):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "grid.nx=-4" in lines[0], p.stderr
     assert not run_dir.exists()
+
+
+def test_help_lists_exactly_the_options_of_each_group():
+    """--help names each group's YAML files (conf/<group>/*.yaml), and no schema_* entry."""
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    p = subprocess.run(
+        [sys.executable, "-m", "tissuesim.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
+    assert "schema_" not in p.stdout
+    listed = {}
+    for line in p.stdout.split("== Config ==")[0].splitlines():
+        if ": " in line and not line.startswith(" "):
+            group, opts = line.split(": ", 1)
+            listed[group.lstrip("+")] = sorted(o.strip() for o in opts.split(","))
+    for group in ("tissue", "therapy", "grid", "backend", "experiment"):
+        assert listed.get(group) == sorted(f.stem for f in (conf / group).glob("*.yaml")), group
