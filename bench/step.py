@@ -124,6 +124,24 @@ def _output_cost(sim, calls: int = 5) -> dict:
     return out
 
 
+def _allocation(sim, steps: int = 20) -> dict:
+    """NumPy: the largest transient allocation of a step (tracemalloc peak above the memory held
+    before the step), against the bytes of the state (fields and cell arrays)."""
+    import tracemalloc
+
+    state = sim.fields.values.nbytes + sum(sim.cells[k].nbytes for k in sim.cells.names)
+    tracemalloc.start()
+    worst = 0
+    for _ in range(steps):
+        tracemalloc.reset_peak()
+        held, _ = tracemalloc.get_traced_memory()
+        sim.step()
+        _, peak = tracemalloc.get_traced_memory()
+        worst = max(worst, peak - held)
+    tracemalloc.stop()
+    return {"peak_transient_bytes": worst, "state_bytes": state, "ratio": worst / state}
+
+
 def _time_steps(sim, seconds: float) -> float:
     """Seconds per step of sim.step() (best of three rounds of about seconds / 3 each)."""
     for _ in range(20):
@@ -205,6 +223,8 @@ def run_case(case: str, backend: str, seconds: float, phases: bool = True) -> di
         "ns_per_voxel_field": per_step / (sim.grid.n_voxels * len(sim.fields.names)) * 1e9,
         "ns_per_cell": per_step / max(sim.cells.n, 1) * 1e9,
     }
+    if not be.is_gpu:
+        base["allocation"] = _allocation(sim)
     if not phases:
         return base
     # the same again with phase timers
@@ -282,6 +302,12 @@ def main(argv=None) -> None:
             f"{case:>10} {'x'.join(map(str, r['shape'])):>16} {r['n_cells']:>8} {r['steps_per_second']:>9.1f} "
             f"{r['ns_per_voxel_field']:>10.2f} {r['ns_per_cell']:>8.0f}  {ph}"
         )
+        if "allocation" in r:
+            al = r["allocation"]
+            print(
+                f"{'':>10} largest transient allocation in a step: {al['peak_transient_bytes'] / 1e6:.2f} MB "
+                f"= {al['ratio']:.2f} x the state ({al['state_bytes'] / 1e6:.2f} MB)"
+            )
         if "python_overhead" in r:
             po = r["python_overhead"]
             print(

@@ -299,13 +299,28 @@ def _lapack_factors(u, D, slots, bc_kind, bc_val, axis: str, h_dx2):
     return hit
 
 
+_SCRATCH: dict = {}
+
+
+def _scratch(dtype, n: int) -> np.ndarray:
+    """A kept 1-D work array of n elements of dtype (grown, never shrunk; one per dtype)."""
+    key = np.dtype(dtype).str
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.size < n:
+        buf = _SCRATCH[key] = np.empty(n, dtype=dtype)
+    return buf[:n]
+
+
 def _lapack_lod(u, D, slots, bc_kind, bc_val, axis: str, h_dx2) -> None:
     ax, _ = _AXES[axis]
     pttrs, dd, ee, add, shape = _lapack_factors(u, D, slots, bc_kind, bc_val, axis, h_dx2)
     contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
     block = u[slots[0] : slots[0] + len(slots)] if contiguous else u[slots]
-    rhs = np.moveaxis(block, ax + 1, -1).reshape(-1)  # a copy unless x is the swept axis
-    rhs = rhs + add
+    # right-hand side (lines last) + the Dirichlet term, built in a kept buffer: the same sums as
+    # allocating them, without two block-sized allocations per sweep
+    rhs = _scratch(u.dtype, add.size)
+    np.copyto(rhs.reshape(shape), np.moveaxis(block, ax + 1, -1))
+    np.add(rhs, add, out=rhs)
     x, info = pttrs(dd, ee, rhs, overwrite_b=True)
     if info != 0:
         raise FloatingPointError(f"LAPACK pttrs failed (info={info})")
