@@ -316,7 +316,9 @@ class FieldSet:
         import cupy
 
         xp = self.xp
-        key = (dt, _ptr(source), _ptr(uptake), c_blood is None)
+        # values too: a caller that rebinds fields.values (instead of writing into it) must not
+        # have a graph replay into the old buffer
+        key = (dt, _ptr(self.values), _ptr(source), _ptr(uptake), c_blood is None)
         g = self._graph
         if g is not None and g[0] == key:
             _, graph, _pool, cb = g
