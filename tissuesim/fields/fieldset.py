@@ -308,8 +308,9 @@ class FieldSet:
         """The step as one CUDA graph launch (CuPy): a step of 6 fields is some 10-40 small
         kernels, each costing CuPy several microseconds of Python to launch; a graph launches them
         all at once. The graph is captured at the first step and again whenever dt, the values,
-        source or uptake array (the same device buffer from step to step, its content read at replay) or the
-        presence of c_blood changes; c_blood is copied into a fixed buffer before each replay.
+        source or uptake buffer (the same device buffers from step to step, their content read at
+        replay) or the presence of c_blood changes; c_blood is copied into a fixed buffer before
+        each replay.
         Temporaries of the captured step come from a private memory pool held with the graph, so
         no other array ever takes their addresses. Capture also proves the step sync-free: CUDA
         refuses a synchronising call while capturing."""
