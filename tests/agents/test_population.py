@@ -112,11 +112,23 @@ def test_remove_and_divide_equals_remove_then_add(be, seed):
     removed_b, born, got = b.remove_and_divide(be.asarray(gone), be.asarray(divide), inherit, extra=extra)
     assert (removed_b, born) == (removed_a, parents.size)
     np.testing.assert_array_equal(got, [5, 0, 3])
-    assert (b.n, b.next_id) == (a.n, a.next_id)
+    assert (b.n, b.next_id, b.capacity) == (a.n, a.next_id, a.capacity)
     for name in a.names:  # whole buffers: the rows past n hold the fill in both
-        np.testing.assert_array_equal(
-            be.asnumpy(a[name][: a.capacity]), be.asnumpy(b[name][: a.capacity]), name
-        )
+        np.testing.assert_array_equal(be.asnumpy(a[name]), be.asnumpy(b[name]), name)
+
+
+def test_remove_and_divide_takes_integer_masks_as_remove_does(be):
+    pops = []
+    for _ in range(2):
+        p = Population(be, capacity=8)
+        p.add(be.asarray(np.arange(15, dtype=np.float32).reshape(5, 3)), 1)
+        pops.append(p)
+    mask = be.asarray(np.array([0, 1, 0, 1, 0], dtype=np.uint8))
+    no = be.asarray(np.zeros(5, dtype=np.uint8))
+    pops[0].remove(mask)
+    removed, born, _ = pops[1].remove_and_divide(mask, no)
+    assert (removed, born) == (2, 0)
+    np.testing.assert_array_equal(be.asnumpy(pops[0].id[:3]), be.asnumpy(pops[1].id[:3]))
 
 
 def test_bin_ranges_equal_counting(be):

@@ -183,34 +183,41 @@ class Population:
         """
         xp = self.xp
         n = self.n
+        ex = None if extra is None else xp.asarray(extra, dtype=np.int64).reshape(-1)
         if n == 0:
-            return 0, 0, None if extra is None else self.be.asnumpy(extra)
-        keep = ~gone[:n]
-        div = divide[:n] & keep
-        # room for a daughter of every cell, since the number of births is not known yet
-        self.reserve(2 * n)
-        cap = self.capacity
+            return 0, 0, None if ex is None else self.be.asnumpy(ex)
+        keep = ~xp.asarray(gone, dtype=bool)[:n]
+        div = xp.asarray(divide, dtype=bool)[:n] & keep
         kr = xp.cumsum(keep, dtype=np.int64)  # survivor rank + 1
         dr = xp.cumsum(div, dtype=np.int64)  # daughter rank + 1
         n_keep = kr[-1]
-        dest = xp.where(keep, kr - 1, cap)  # rows that go write into a spare last row
-        ddest = xp.where(div, n_keep + dr - 1, cap)
+        # The new rows are assembled in work arrays of 2n rows (room for a daughter of every
+        # cell, as the number of births is not known yet) plus a spare last row that the rows
+        # which go write into; they are copied back once the counts are read.
+        spare = 2 * n
+        dest = xp.where(keep, kr - 1, spare)
+        ddest = xp.where(div, n_keep + dr - 1, spare)
+        work = {}
         for name, a in self._arrays.items():
-            tmp = xp.full((cap + 1, *a.shape[1:]), self._fill[name], dtype=a.dtype)
+            tmp = xp.full((spare + 1, *a.shape[1:]), self._fill[name], dtype=a.dtype)
             tmp[dest] = a[:n]
             if name == "id":
                 tmp[ddest] = self.next_id + dr - 1
             elif name in inherit:
                 tmp[ddest] = a[:n]
-            a[...] = tmp[:cap]
-        parts = [n_keep[None], dr[-1:]]
-        if extra is not None:
-            parts.append(xp.asarray(extra, dtype=np.int64).reshape(-1))
+            work[name] = tmp
+        parts = [n_keep[None], dr[-1:]] + ([] if ex is None else [ex])
         got = self.be.asnumpy(xp.concatenate(parts))  # the one sync
         kept, born = int(got[0]), int(got[1])
-        self.n = kept + born
+        new_n = kept + born
+        self.reserve(new_n)  # grows as add() would: doubling to fit
+        for name, a in self._arrays.items():
+            a[:new_n] = work[name][:new_n]
+            if new_n < n:
+                a[new_n:n] = self._fill[name]
+        self.n = new_n
         self.next_id += born
-        return n - kept, born, (got[2:] if extra is not None else None)
+        return n - kept, born, (got[2:] if ex is not None else None)
 
     def counts_by_type(self, ntypes: int):
         """Live cells per type, int64 (ntypes,) on the device (no sync)."""

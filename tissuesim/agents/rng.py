@@ -83,7 +83,7 @@ def draw(ids, step: int, purpose: int, draw_index: int, seed: int, xp=np):
             c3 = ((int(purpose) << 16) | (int(draw_index) & 0xFFFF)) & _MASK32
             return _philox_ids_numpy(ids.view(np.uint64), int(step) & _MASK32, c3, k0, k1)
     ids = xp.asarray(ids, dtype=xp.int64)
-    if ids.ndim == 1 and ids.size < 2**31:
+    if ids.ndim == 1 and ids.size < 2**29:  # philox_fill indexes its (n, 4) output with an int
         return _draw_kernel(ids, step, purpose, draw_index, seed, xp)
     return draw_elementwise(ids, step, purpose, draw_index, seed, xp)
 

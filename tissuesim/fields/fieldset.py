@@ -345,8 +345,13 @@ class FieldSet:
                     self._step_now(dt, source, uptake, cb)
                 except Exception as e:  # a call that synchronises: CUDA refuses it in capture
                     error = e
-                finally:
-                    graph = stream.end_capture() if error is None else _abandon(stream)
+                if error is None:
+                    try:  # a capture invalidated without a Python error fails here
+                        graph = stream.end_capture()
+                    except Exception as e:
+                        error = e
+                else:
+                    _abandon(stream)
         if error is not None:
             # this step's work is done (above); later steps launch plainly
             log.warning("fields: CUDA graph capture failed (%s); using plain launches", error)
