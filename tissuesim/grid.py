@@ -77,13 +77,10 @@ class Grid:
         positions : (n, 3) float array of x, y, z in um (numpy or cupy, as ``xp``).
         Returns int64 (n,) flat indices into a C-ordered (nz, ny, nx) array.
         """
-        if xp is not np and positions.ndim == 2:
-            return self._voxel_index_columns(positions, xp)
-        o = xp.asarray(self.origin, dtype=positions.dtype)
         if xp is np and positions.ndim == 2:
-            # the same arithmetic as below in fewer array operations: clip = max then min, and the
-            # flat index k nx ny + j nx + i as one integer product (exact in int64)
-            c = positions - o
+            # the arithmetic of _voxel_index_columns in fewer array operations: clip = max then
+            # min, and the flat index k nx ny + j nx + i as one integer product (exact in int64)
+            c = positions - np.asarray(self.origin, dtype=positions.dtype)
             c /= self.dx
             ijk = np.floor(c, out=c).astype(np.int64)
             np.maximum(ijk, 0, out=ijk)
@@ -97,11 +94,7 @@ class Grid:
                 object.__setattr__(self, "_index_tables", tables)
             np.minimum(ijk, tables[0], out=ijk)
             return ijk @ tables[1]
-        ijk = xp.floor((positions - o) / self.dx).astype(xp.int64)
-        i = xp.clip(ijk[:, 0], 0, self.nx - 1)
-        j = xp.clip(ijk[:, 1], 0, self.ny - 1)
-        k = xp.clip(ijk[:, 2], 0, self.nz - 1)
-        return (k * self.ny + j) * self.nx + i
+        return self._voxel_index_columns(positions, xp)
 
     def _voxel_index_columns(self, positions, xp):
         """voxel_index one axis at a time with the origin as scalars: the same float32 and int64

@@ -100,20 +100,14 @@ def draw_elementwise(ids, step: int, purpose: int, draw_index: int, seed: int, x
     return philox4x32_10(lo, hi, c2, c3, k0, k1, xp=xp)
 
 
-_GPU_BACKENDS: dict = {}
-
-
 def _draw_kernel(ids, step: int, purpose: int, draw_index: int, seed: int, xp):
     """CuPy: :func:`draw` by the kernel philox_fill of kernels/agents.cu (one launch; the same bits
     as draw_elementwise, checked in tests/agents/test_philox.py). Returns four strided views
     of one (n, 4) uint32 array."""
     from tissuesim.agents import _kernels as K
-    from tissuesim.backend import Backend
+    from tissuesim.fields._device import backend_of
 
-    dev = xp.cuda.Device().id
-    be = _GPU_BACKENDS.get(dev)
-    if be is None:
-        be = _GPU_BACKENDS[dev] = Backend("cupy", xp, dev)
+    be = backend_of(ids)
     n = int(ids.shape[0])
     out = xp.empty((n, 4), dtype=xp.uint32)
     k0, k1 = seed_key(seed)

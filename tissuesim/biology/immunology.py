@@ -133,6 +133,8 @@ class Immunology:
         self._kill_p_d = xp.asarray(np.asarray(self.table.kill_p, dtype=np.float64))
         self._type_range_d = xp.arange(nt, dtype=np.int64)
         self._car_mask_d = xp.asarray(self.car_mask)
+        self._killer_mask_d = xp.asarray(self.killer_mask)  # for the host path on a GPU
+        self._target_mask_d = xp.asarray(self.target_mask)
         self._secretes_ab_d = xp.asarray(self.secretes_ab)
         self._p_exit_d = xp.asarray(self.p_exit)
         self._vessel_flat = self.vessel_mask.reshape(-1) != 0
@@ -365,8 +367,8 @@ class Immunology:
         busy = pop["busy_until"][:n]
         if self.xp is not np:  # the host path on the GPU (for comparisons): two flags read back
             xp = self.xp
-            free = xp.asarray(self.killer_mask)[t] & (busy <= np.float32(now))
-            tgt = xp.asarray(self.target_mask)[t]
+            free = self._killer_mask_d[t] & (busy <= np.float32(now))
+            tgt = self._target_mask_d[t]
             flags = self.sim.backend.asnumpy(xp.stack((free.any(), tgt.any())))
             return bool(flags[0]) and bool(flags[1])
         free = self.killer_mask[t]

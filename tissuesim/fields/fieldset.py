@@ -66,21 +66,17 @@ class _Plan:
     substeps: dict  # name -> explicit substeps (0 for lod / none)
 
 
-def _abandon(stream):
+def _abandon(stream) -> None:
     """End a failed capture, discarding what was captured."""
     try:
         stream.end_capture()
     except Exception:
         pass
-    return None
 
 
-def _ptr(a):
+def _buffer_key(a):
     """Identity of a device buffer for the graph key (None for no array)."""
-    if a is None:
-        return None
-    data = getattr(a, "data", None)
-    return (getattr(data, "ptr", id(a)), tuple(a.shape), str(a.dtype))
+    return None if a is None else (ops._ptr(a), tuple(a.shape), a.dtype.str)
 
 
 class FieldSet:
@@ -319,7 +315,7 @@ class FieldSet:
         xp = self.xp
         # values too: a caller that rebinds fields.values (instead of writing into it) must not
         # have a graph replay into the old buffer
-        key = (dt, _ptr(self.values), _ptr(source), _ptr(uptake), c_blood is None)
+        key = (dt, _buffer_key(self.values), _buffer_key(source), _buffer_key(uptake), c_blood is None)
         g = self._graph
         if g is not None and g[0] == key:
             _, graph, _pool, cb = g
@@ -334,10 +330,8 @@ class FieldSet:
                 cb[...] = xp.asarray(c_blood, dtype=xp.float64).reshape(len(self.specs))
             # this step's work, done plainly (it also allocates the work arrays the graph uses)
             self._step_now(dt, source, uptake, cb)
+            # captured work is recorded, not run; replays go to the current stream, in order
             stream = cupy.cuda.Stream(non_blocking=True)
-            # the capture stream must not run ahead of the work queued so far (it is not
-            # executed while capturing, but make the order explicit for later replays)
-            stream.wait_event(cupy.cuda.get_current_stream().record())
             error = None
             with stream:
                 stream.begin_capture(cupy.cuda.runtime.streamCaptureModeRelaxed)
