@@ -129,6 +129,7 @@ class Immunology:
         #: takes the compact forms (fewer operations); both give the same cells, bit for bit.
         self.device_paths = bool(sim.backend.is_gpu)
         self._ones_buf = None
+        self._counts = self._work = self._work2 = None  # kept buffers of _sources
         self._can_kill_d = xp.asarray(self.table.can_kill)
         self._kill_p_d = xp.asarray(np.asarray(self.table.kill_p, dtype=np.float64))
         self._type_range_d = xp.arange(nt, dtype=np.int64)
@@ -423,7 +424,13 @@ class Immunology:
         """Fill self.source (n_fields, nz, ny, nx), units/min, from cells and tissue.
 
         vox : int64 (n,) voxel of each cell; engaged, alive : bool (n,); t : int64 (n,) types
-        (read from the population when None)."""
+        (read from the population when None).
+
+        Works in place: the per-voxel counts go into a kept int32 buffer (3 nvox + 1) by
+        scatter-add and every field-sized product is written with ``out=`` into the source array
+        or one kept float32 field (self._work), so the step allocates nothing of grid size here.
+        The floats are those of the plain expressions (float32 count x float32 rate, the same
+        operand order)."""
         sim = self.sim
         xp = self.xp
         f = sim.fields
@@ -432,12 +439,19 @@ class Immunology:
         n = sim.cells.n
         if t is None:
             t = sim.cells.type[:n].astype(np.int64)
-        shape = sim.grid.shape
         fi = self.fi
         nvox = self.nvox
+        f32 = np.float32
         act = sim.cells.state[:n] == rules.ACTIVATED
+        counts = self._counts
+        if counts is None:
+            counts = self._counts = xp.zeros(3 * nvox + 1, dtype=np.int32)
+            self._work = xp.empty(nvox, dtype=f.values.dtype)
+        else:
+            counts[...] = 0
         if self._source_cat is not None:
-            # one integer count over (category, voxel): the same counts as three bincounts
+            # one integer count over (category, voxel): the same counts as three bincounts;
+            # cells of no category (3) count into the spare last bin
             k = t * 2
             k += engaged
             k *= 2
@@ -445,42 +459,57 @@ class Immunology:
             cat = xp.where(alive, self._source_cat[k], 3)
             cat *= nvox
             cat += vox
-            if self.device_paths:  # atomic integer adds: no host read (see backend.scatter_add)
-                counts = xp.zeros(4 * nvox, dtype=np.int32)
-                scatter_add(xp, counts, cat, self._ones(cat.shape[0]))
-            else:
-                counts = xp.bincount(cat, minlength=4 * nvox)
-            counts = counts[: 3 * nvox].astype(np.float32).reshape(3, nvox)
-            n_ifng, n_mac, n_ab = counts[0], counts[1], counts[2]
+            xp.minimum(cat, 3 * nvox, out=cat)
         else:
-            n_ifng = rules.count_per_voxel(vox, engaged & self._car_mask_d[t], nvox, xp)
-            mac_act = alive & (t == self.idx["macrophage"]) & act
-            n_mac = rules.count_per_voxel(vox, mac_act, nvox, xp)
-            n_ab = rules.count_per_voxel(vox, alive & self._secretes_ab_d[t], nvox, xp)
+            ifng = engaged & self._car_mask_d[t]
+            mac = alive & (t == self.idx["macrophage"]) & act
+            ab = alive & self._secretes_ab_d[t]
+            cat = xp.concatenate(
+                [xp.where(m, vox + c * nvox, 3 * nvox) for c, m in enumerate((ifng, mac, ab))]
+            )
+        scatter_add(xp, counts, cat, self._ones(cat.shape[0]))
+        n_ifng, n_mac, n_ab = counts[:nvox], counts[nvox : 2 * nvox], counts[2 * nvox : 3 * nvox]
+
+        def out(name):
+            return src[fi[name]].reshape(-1)
+
+        def scaled(c, rate, dst):  # float32(count) * float32(rate) into dst
+            xp.multiply(c, f32(rate), out=dst, dtype=f32)
+            return dst
+
         if "ifng" in fi:
-            src[fi["ifng"]] = (n_ifng * np.float32(self.ifng_per_cell)).reshape(shape)
-        n_mac = n_mac.reshape(shape)
+            scaled(n_ifng, self.ifng_per_cell, out("ifng"))
         if "il6" in fi:
-            src[fi["il6"]] = n_mac * np.float32(self.il6_per_cell)
+            scaled(n_mac, self.il6_per_cell, out("il6"))
         if "autoantibody" in fi:
-            src[fi["autoantibody"]] = (n_ab * np.float32(self.ab_per_cell)).reshape(shape)
+            scaled(n_ab, self.ab_per_cell, out("autoantibody"))
         bio = self.bio
+        w = self._work
         if "damage" in fi:
-            dmg = f["damage"]
-            s = n_mac * np.float32(bio.damage_per_day_per_macrophage / MIN_PER_DAY) * (1 - dmg)
+            dmg = f["damage"].reshape(-1)
+            s = scaled(n_mac, bio.damage_per_day_per_macrophage / MIN_PER_DAY, out("damage"))
+            xp.subtract(1, dmg, out=w)
+            s *= w  # n_mac rate (1 - damage)
             if bio.antibody_damage and self.damage0 is not None:
-                s = s + np.float32(self.repair_per_min * self.blood.y["ab"]) * self.damage0
-            src[fi["damage"]] = s
+                xp.multiply(self.damage0.reshape(-1), f32(self.repair_per_min * self.blood.y["ab"]), out=w)
+                s += w
             if "cxcl13" in fi:
-                src[fi["cxcl13"]] = np.float32(bio.cxcl13_nM_per_min_per_damage) * dmg
+                xp.multiply(dmg, f32(bio.cxcl13_nM_per_min_per_damage), out=out("cxcl13"))
         if "cxcl10" in fi:
             # IFN-gamma-induced (engaged CAR-T) plus the disease's own CXCL10 from damaged tissue
-            c10 = src[fi["cxcl10"]]
+            c10 = out("cxcl10")
             if "ifng" in fi:
-                g = f["ifng"]
-                c10 += np.float32(bio.cxcl10_nM_per_min) * g / (g + np.float32(bio.cxcl10_ifng_kd_nM))
+                g = f["ifng"].reshape(-1)
+                r = self._work2
+                if r is None:
+                    r = self._work2 = xp.empty_like(w)
+                xp.multiply(g, f32(bio.cxcl10_nM_per_min), out=w)
+                xp.add(g, f32(bio.cxcl10_ifng_kd_nM), out=r)
+                w /= r
+                c10 += w
             if "damage" in fi:
-                c10 += np.float32(bio.cxcl10_nM_per_min_per_damage) * f["damage"]
+                xp.multiply(f["damage"].reshape(-1), f32(bio.cxcl10_nM_per_min_per_damage), out=w)
+                c10 += w
 
     def _ones(self, n: int):
         """int32 ones (n,) on the device, kept between steps (a view of a grown buffer)."""

@@ -19,7 +19,6 @@ import numpy as np
 
 from tissuesim.agents import rng
 from tissuesim.agents.neighbours import Pairs, claim_targets
-from tissuesim.backend import scatter_add
 
 PURPOSE_FATE = rng.PURPOSE_USER  # death, division, state change: one Philox block per cell
 PURPOSE_KILL = rng.PURPOSE_USER + 1
@@ -317,20 +316,6 @@ def cell_fates(
         pop.type[:n] = xp.where(change, tables.new_type[kt], pop.type[:n])
         pop.state[:n] = xp.where(change, tables.new_state[kt], st)
     return dead, divide
-
-
-def count_per_voxel(vox, mask, nvox: int, xp=np):
-    """Integer count of the cells in ``mask`` per voxel, float32 (nvox,).
-
-    Counting with an integer bincount, then scaling, keeps the sources free of order-dependent
-    float atomics (DESIGN.md section 3).
-    """
-    if xp is np:
-        return np.bincount(vox[mask], minlength=nvox)[:nvox].astype(np.float32)
-    # no host read: masked cells count into a spare last bin
-    counts = xp.zeros(nvox + 1, dtype=np.int32)
-    scatter_add(xp, counts, xp.where(mask, vox, nvox), xp.ones(vox.shape, dtype=np.int32))
-    return counts[:nvox].astype(np.float32)
 
 
 def ln2_over(x: float) -> float:
