@@ -35,7 +35,7 @@ def _run(*overrides):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cd19_depletes_tissue_b_cells_within_14_days_where_untreated_they_persist(seed):
     common = ["grid=tiny", f"seed={seed}", "duration_days=14"]
-    _, cd19 = _run(*common, "therapy=cd19")
+    cd19_sim, cd19 = _run(*common, "therapy=cd19")
     _, none = _run(*common, "therapy=none")
     b0 = cd19["count_b_cell"][0]
     assert b0 == none["count_b_cell"][0] and b0 >= 5
@@ -46,15 +46,24 @@ def test_cd19_depletes_tissue_b_cells_within_14_days_where_untreated_they_persis
     assert none["count_b_cell"][-1] >= 0.5 * b0
     # CAR-T reach the patch from blood
     assert cd19["count_cd19_car_t"].max() >= 3
-    # blood: depleted (< 5 % of baseline) within about a week (Mackensen 2022), CAR-T peak in
-    # days 7-14 (Mackensen 2022; Mueller 2024). The systemic model peaks on day 7.5 on a flat
-    # top (test_course.py); on the tiny grid each CAR-T entering or leaving the patch moves
-    # 0.87 cells/uL of blood, which shifts the maximum of that flat top by about a day, so the
-    # coupled run is held to days 6-14.
+    # blood: depleted (< 5 % of baseline) within about a week (Mackensen 2022)
     dep = np.flatnonzero(cd19["blood_b_cell_per_ul"] < 0.05 * cd19["blood_b_cell_per_ul"][0])
     assert dep.size and cd19["time"][dep[0]] <= 8.0
-    car = cd19["blood_cd19_car_t_per_ul"]
-    assert 6.0 <= cd19["time"][int(np.argmax(car))] <= 14.0
+    # CAR-T peak in days 7-14 (Mackensen 2022; Mueller 2024): the systemic model peaks on day
+    # 7.5 (test_course.py) on a top flat within 8 % from day 5 to day 12. On the tiny grid each
+    # CAR-T entering or leaving the patch moves 0.87 cells/uL of blood, a noise of a few
+    # cells/uL that puts the maximum of the coupled curve anywhere on that top (days 5.3-13 over
+    # seeds 0-3 when this was written; it is not a readout of the peak day at this grid). What
+    # the coupled run must keep is the systemic course: the curve still at its top in days
+    # 7-14 (a peak that had passed before day 7 would fail), its maximum not before day 4, and
+    # every value from day 3 within the patch's share of the systemic one (the patch holds
+    # CAR-T that are not in blood: 0.49-1.0 of it over seeds 0-3).
+    car, t = cd19["blood_cd19_car_t_per_ul"], cd19["time"]
+    assert 4.0 <= t[int(np.argmax(car))] <= 14.0
+    assert car[(t >= 7) & (t <= 14)].mean() >= car[(t >= 2) & (t <= 5)].mean()
+    ref, _ = run_blood(cd19_sim.cfg, 14.0, dt_min=15.0, every_days=0.25)
+    ratio = car / np.interp(t, np.asarray(ref["time"]), np.asarray(ref["blood_cd19_car_t_per_ul"]))
+    assert 0.4 <= ratio[t >= 3].min() and ratio[t >= 3].max() <= 1.1
 
 
 @pytest.mark.slow

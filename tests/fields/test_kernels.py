@@ -289,6 +289,43 @@ def test_react_kernel_matches_twin(dev, dtype, vr_mode):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("vr_mode", [1, 2])
+def test_react_twin_follows_kernel_arithmetic(dev, dtype, vr_mode, monkeypatch):
+    """The run's case (no uptake: cached exponentials; a source, vessels, blood) in blocks smaller
+    than the field: NumPy does the kernel's float64 arithmetic term by term, so the two agree to
+    the last bit of the field's dtype up to the libm's exp (one unit in the last place in float32,
+    a few in float64 where exp's own last-bit differences show).
+    The twin before this test formed r cb and the rate in float32 and was 2 units off here."""
+    cp = dev.xp
+    monkeypatch.setattr(ops, "REACT_BLOCK", 37)  # several blocks and a partial one per field
+    rng = np.random.default_rng(5)
+    shape = (3, 5, 9, 11)
+    vr = (0.3 * rng.random(shape[1:] if vr_mode == 1 else shape)).astype(dtype)
+    for h in (0.25, 3.0):
+        u = rng.random(shape).astype(dtype)
+        src = rng.random(shape).astype(dtype)
+        src[1] = 0
+        k = np.array([0.0, 0.05, 2.0])
+        cb = np.array([1.3, 0.7, 3.1])
+        slots = np.array([2, 0, 1], dtype=np.int32)
+        for _ in range(2):  # the second call takes the cached exponentials
+            ref = u.copy()
+            ops.react_numpy(ref, slots, k, None, src, vr, cb, h, None)
+            g = cp.array(u)
+            ops.react_cupy(
+                g, cp.array(slots), cp.array(k), None, cp.array(src), cp.array(vr), cp.array(cb), h
+            )
+            got = cp.asnumpy(g)
+            ulp = np.abs(
+                got.view(np.int32 if dtype == np.float32 else np.int64)
+                - ref.view(got.view(np.int32 if dtype == np.float32 else np.int64).dtype)
+            )
+            assert int(ulp.max()) <= (1 if dtype == np.float32 else 4), (
+                f"h={h}: {int(ulp.max())} units in the last place apart"
+            )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_transpose_kernel_matches_twin(dev, dtype):
     cp = dev.xp
     rng = np.random.default_rng(3)

@@ -456,6 +456,10 @@ def phi2(z):
     return np.where(np.abs(z) < 1e-2, series, (np.expm1(-zs) + zs) / (zs * zs))
 
 
+#: voxels per block of react_numpy: two float64 work blocks of 256 KiB each stay in cache
+REACT_BLOCK = 1 << 15
+
+
 def react_numpy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
     """Integrate du/dt = b - a u exactly over h for the listed fields, in place.
 
@@ -463,28 +467,69 @@ def react_numpy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
     k : float64 (nf,) decay rates. lam, src : like u or None. vr : None, (nz, ny, nx) shared, or
     like u. cb : float64 (nf,) blood concentrations or None (taken as 0). h : step in min.
     U : like u or None; receives int_0^h u dt = u h phi1(ah) + b h^2 phi2(ah) for the budget.
-    Computed in float64 whatever u's dtype, like the kernel.
+
+    Computed in float64 whatever u's dtype, term by term as the kernel does (b = src + r cb,
+    u e^{-z} + (b h) phi1), one block of REACT_BLOCK voxels at a time through two kept float64
+    work blocks: the step allocates nothing of grid size (the exponentials of a fixed rate are
+    cached across steps, see _react_coefficients).
     """
+    nvox = int(np.prod(u.shape[1:]))
+    blk = min(nvox, REACT_BLOCK)
+    wu, wb = _scratch(np.float64, 2 * blk).reshape(2, blk)
+    uf = u.reshape(u.shape[0], nvox)
+    srcf = None if src is None else src.reshape(src.shape[0], nvox)
+    vrf = None if vr is None else vr.reshape(-1, nvox)
+    Uf = None if U is None else U.reshape(U.shape[0], nvox)
     for s in np.asarray(slots).tolist():
-        # scalars while uniform (decay only): numpy broadcasts, and the CPU skips whole-array work
-        a = float(k[s])
-        b = 0.0
-        if lam is not None:
-            a = a + lam[s]
-        if src is not None:
-            b = b + src[s]
-        if vr is not None:
-            r = vr if vr.ndim == 3 else vr[s]
-            a = a + r
-            if cb is not None:
-                b = b + r * float(cb[s])
-        u0 = u[s].astype(np.float64)
-        e, p1, p2 = _react_coefficients(
-            a, h, U is not None, None if lam is not None else (s, float(k[s]), vr)
-        )
-        if U is not None:
-            U[s] = u0 * h * p1 + b * h * h * p2
-        u[s] = u0 * e + b * h * p1
+        r = None if vrf is None else vrf[0 if vr.ndim == 3 else s]
+        cbs = float(cb[s]) if (cb is not None and r is not None) else None
+        if lam is None:
+            e, p1, p2 = _react_coefficients_cached(s, float(k[s]), vr, r, h, U is not None, nvox)
+        else:
+            a = float(k[s]) + lam[s].reshape(nvox).astype(np.float64)
+            if r is not None:
+                a += r
+            e, p1, p2 = _react_coefficients(a, h, U is not None, None)
+        has_b = srcf is not None or cbs is not None
+        for v0 in range(0, nvox, blk):
+            v1 = min(v0 + blk, nvox)
+            m = v1 - v0
+            u0, b = wu[:m], wb[:m]
+            sl = slice(v0, v1)
+
+            u0[...] = uf[s, sl]
+            if has_b:
+                if cbs is not None:
+                    np.multiply(r[sl], cbs, out=b, dtype=np.float64)
+                    if srcf is not None:
+                        b += srcf[s, sl]
+                else:
+                    b[...] = srcf[s, sl]
+                b *= h
+            if Uf is not None:  # the budget path (tests, budget tracking) may allocate
+                Ui = u0 * h * _part(p1, sl)
+                if has_b:
+                    Ui += b * h * _part(p2, sl)
+                Uf[s, sl] = Ui
+            u0 *= _part(e, sl)
+            if has_b:
+                b *= _part(p1, sl)
+                u0 += b
+            uf[s, sl] = u0
+
+
+def _part(c, sl):
+    """A coefficient's block: c[sl] for an array, c itself for a scalar."""
+    return c[sl] if isinstance(c, np.ndarray) and c.ndim else c
+
+
+def _react_coefficients_cached(s, k, vr, r, h, want_p2, nvox):
+    """_react_coefficients for a = k + r (no uptake), from the cache when this rate was seen."""
+    hit = _react_lookup((s, k, vr), h, want_p2)
+    if hit is not None:
+        return hit
+    a = k if r is None else k + r.astype(np.float64)
+    return _react_coefficients(a, h, want_p2, (s, k, vr))
 
 
 _REACT_CACHE: dict = {}
@@ -498,11 +543,11 @@ def _react_coefficients(a, h, want_p2: bool, key):
     uptake changes a each step and is computed.
     """
     if key is not None:
+        hit = _react_lookup(key, h, want_p2)
+        if hit is not None:
+            return hit
         s, k, vr = key
         ck = (s, k, id(vr), float(h), want_p2)
-        hit = _REACT_CACHE.get(ck)
-        if hit is not None and (hit[0] is None if vr is None else hit[0]() is vr):
-            return hit[1]
     z = a * h
     out = (np.exp(-z), phi1(z), phi2(z) if want_p2 else None)
     if key is not None:
@@ -510,6 +555,15 @@ def _react_coefficients(a, h, want_p2: bool, key):
             _REACT_CACHE.pop(next(iter(_REACT_CACHE)))
         _REACT_CACHE[ck] = (None if vr is None else weakref.ref(vr), out)
     return out
+
+
+def _react_lookup(key, h, want_p2: bool):
+    """The cached (e, phi1, phi2) of key = (slot, k, vessel-rate array or None) at step h, or None."""
+    s, k, vr = key
+    hit = _REACT_CACHE.get((s, k, id(vr), float(h), want_p2))
+    if hit is not None and (hit[0] is None if vr is None else hit[0]() is vr):
+        return hit[1]
+    return None
 
 
 def react_cupy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
