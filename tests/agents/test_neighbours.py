@@ -213,3 +213,23 @@ def test_claim_contested_target_goes_to_lowest_id(be):
         tof, tby = claim_targets(pop, pr)
         assert be.asnumpy(tof).tolist() == [3, -1, -1, -1]
         assert be.asnumpy(tby).tolist() == [-1, -1, -1, 0]
+
+
+def test_a_held_cell_list_keeps_its_tables_when_others_are_built(be):
+    """NumPy lists take their bin-grid tables from a pool that hands a buffer to the next list
+    once no list holds it: a list kept while others (same grid, same width, other cells) are
+    built and queried must still give its own pairs."""
+    grid = GRIDS["3d"]
+    pop_a, pos_a, types_a = _population(be, grid, 400, np.random.default_rng(11))
+    pop_b, _, _ = _population(be, grid, 250, np.random.default_rng(12))
+    want = _brute(pos_a, types_a, 12.0, [0, 1, 2], [0, 1, 2])
+    held = build_cell_list(pop_a, grid, 12.0)
+    for _ in range(3):  # other lists come, are queried and go before the held one is used
+        other = build_cell_list(pop_b, grid, 12.0)
+        contacts(pop_b, 12.0, [0, 1, 2], [0, 1, 2], cell_list=other)
+        del other
+    pr = contacts(pop_a, 12.0, [0, 1, 2], [0, 1, 2], cell_list=held)
+    got = set(zip(be.asnumpy(pr.i).tolist(), be.asnumpy(pr.j).tolist()))
+    assert got == want
+    start, end = be.asnumpy(held.bin_start), be.asnumpy(held.bin_end)
+    assert int((end - start).sum()) == 400

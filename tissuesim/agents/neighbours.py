@@ -15,6 +15,7 @@ count_pairs, write_pairs, crowd_displacement, claim_*); NumPy twins below.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,23 +27,53 @@ from tissuesim.grid import Grid
 
 _U64MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 
+#: bin-grid buffers of NumPy cell lists, reused by the next list once no list holds them
+_POOL: dict = {}
+
+
+def _pooled(tag: str, n: int, dtype) -> np.ndarray:
+    """A 1-D array of n elements of dtype (contents undefined) for a NumPy cell list's tables.
+
+    One list is built and dropped per query in a step, so the buffer of the last list is free
+    by the next build: it is reused when nothing but this pool refers to it (reference count),
+    otherwise, or when too small, a fresh one is made. A list that is still held keeps its own.
+    """
+    buf = _POOL.get(tag)
+    # references: the pool's dict entry, `buf` here, getrefcount's argument
+    if buf is None or buf.dtype != dtype or buf.size < n or sys.getrefcount(buf) > 3:
+        buf = _POOL[tag] = np.empty(n, dtype=dtype)
+    return buf[:n]
+
 
 @dataclass
 class CellList:
     """A built cell list.
 
     order : int32 (n,) cell indices sorted by (bin, index). bin_start, bin_end : int32 (nbins,)
-    ranges into ``order``. width : bin edge in um. nb : (nbx, nby, nbz). origin : (x0, y0, z0) um.
+    ranges into ``order`` (a NumPy build derives them from its padded ranges when first asked:
+    its own queries use those, so a step makes no bin-grid copies). width : bin edge in um. nb : (nbx, nby, nbz). origin : (x0, y0, z0) um.
     n : number of cells when built (the list is stale after any move, birth or death).
     """
 
     order: object
-    bin_start: object
-    bin_end: object
+    _start: object
+    _end: object
     width: float
     nb: tuple[int, int, int]
     origin: tuple[float, float, float]
     n: int
+
+    @property
+    def bin_start(self):
+        if self._start is None:
+            self._start, self._end = _ranges_from_padded(self)
+        return self._start
+
+    @property
+    def bin_end(self):
+        if self._end is None:
+            self._start, self._end = _ranges_from_padded(self)
+        return self._end
 
     def geometry_args(self) -> tuple:
         f = np.float32
@@ -165,12 +196,12 @@ def _build_cell_list_numpy(pos, n, origin, width, nb) -> CellList:
     px, py, pz = pad = _pad_geometry(nb)
     pbin = _padded_bins(bx, by, bz, nb)
     cdt = np.int32 if n < 2**31 else np.int64  # ranges index `order`
-    cum = np.zeros(px * py * pz + 1, dtype=cdt)
-    np.cumsum(np.bincount(pbin, minlength=px * py * pz), dtype=cdt, out=cum[1:])
-    zs = slice(1, -1) if nb[2] > 1 else slice(0, 1)
-    start = cum[:-1].reshape(pz, py, px)[zs, 1:-1, 1:-1].astype(np.int32).reshape(nbins)
-    end = cum[1:].reshape(pz, py, px)[zs, 1:-1, 1:-1].astype(np.int32).reshape(nbins)
-    cl = CellList(order, start, end, width, nb, origin, n)
+    # counts per padded bin, summed in place into the ranges (no bin-grid temporaries)
+    cum = _pooled("cum", px * py * pz + 1, cdt)
+    cum.fill(0)
+    np.add.at(cum[1:], pbin, 1)
+    np.cumsum(cum[1:], out=cum[1:])
+    cl = CellList(order, None, None, width, nb, origin, n)  # bin ranges: see CellList
     cl._pad = (cum, pad)
     cl._snap = _Snapshot(p.copy(), pbin)
     return cl
@@ -203,6 +234,16 @@ def _snapshot(cl: CellList, pos) -> _Snapshot:
     return snap
 
 
+def _ranges_from_padded(cl: CellList):
+    """(bin_start, bin_end) int32 (nbins,) of a NumPy-built list, from its padded ranges."""
+    cum, (px, py, pz) = cl._pad
+    zs = slice(1, -1) if cl.nb[2] > 1 else slice(0, 1)
+    nbins = cl.nb[0] * cl.nb[1] * cl.nb[2]
+    start = cum[:-1].reshape(pz, py, px)[zs, 1:-1, 1:-1].astype(np.int32).reshape(nbins)
+    end = cum[1:].reshape(pz, py, px)[zs, 1:-1, 1:-1].astype(np.int32).reshape(nbins)
+    return start, end
+
+
 def _padded_ranges(cl: CellList):
     """(cum, pad) of the bin grid padded with one layer of empty bins, cached on the list.
 
@@ -231,12 +272,15 @@ def _row_tables(cl: CellList):
     if cached is not None:
         return cached
     cum, _ = _padded_ranges(cl)
-    c3 = cum[3:] - cum[:-3]
+    m = max(cum.size - 3, 0)
+    c3 = np.subtract(cum[3:], cum[:-3], out=_pooled("c3", m, cum.dtype))
     top = int(c3.max()) if c3.size else 0
     cdt = np.uint8 if top <= 0xFF else (np.uint16 if top <= 0xFFFF else np.int64)
     sdt = np.int32 if cl.n < 2**31 else np.int64
     start = cum[:-3] if cum.dtype == sdt else cum[:-3].astype(sdt)
-    cl._rows = (start, c3.astype(cdt))
+    narrow = _pooled(f"c3_{np.dtype(cdt).str}", m, cdt)
+    narrow[...] = c3
+    cl._rows = (start, narrow)
     return cl._rows
 
 

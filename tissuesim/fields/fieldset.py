@@ -171,6 +171,7 @@ class FieldSet:
         self._mask_all = xp.ones(nf, dtype=xp.float64)
         self._mask_decay = xp.asarray(np.array([s.decay_per_min > 0 for s in self.specs], np.float64))
         self._tmp = None
+        self._faces: dict = {}  # NumPy explicit face coefficients by slot (_faces_for)
         self._U = None
         self._lod_work = None
         self._plans: dict[float, _Plan] = {}
@@ -370,14 +371,30 @@ class FieldSet:
             h_dx2 = dt / n / dx2
             # Ping-pong so that the last substep writes into self.values (whose views callers hold).
             if n % 2:
-                self._tmp[slots] = u[slots]
+                if be.is_gpu:
+                    self._tmp[slots] = u[slots]
+                else:  # slot by slot: u[slots] would make a copy of them all first
+                    for sl in slots.tolist():
+                        self._tmp[sl] = u[sl]
                 src, dst = self._tmp, u
             else:
                 src, dst = u, self._tmp
             for _ in range(n):
                 if self.track_budget and dfaces:
                     ops.dirichlet_inflow(xp, src, self.D, dfaces, self.bc_val, h_dx2, acc_d)
-                ops.explicit_substep(be, src, dst, self.D, slots, self.bc_kind, self.bc_val, h_dx2)
+                if be.is_gpu:
+                    ops.explicit_substep(be, src, dst, self.D, slots, self.bc_kind, self.bc_val, h_dx2)
+                else:
+                    ops.explicit_substep_numpy(
+                        src,
+                        dst,
+                        self.D,
+                        slots,
+                        self.bc_kind,
+                        self.bc_val,
+                        h_dx2,
+                        faces=self._faces_for(slots),
+                    )
                 src, dst = dst, src
 
         if p.lod is not None:
@@ -396,6 +413,15 @@ class FieldSet:
                     ops.dirichlet_inflow(xp, u, self.D, sub, self.bc_val, h_dx2, acc_d)
 
         self._react(dt, source, uptake, c_blood)
+
+    def _faces_for(self, slots) -> dict:
+        """NumPy: the explicit stencil's face coefficients of these slots, made once (D is fixed
+        after construction). Kept memory: about one field-sized array per axis and field."""
+        faces = self._faces
+        for sl in np.asarray(slots).tolist():
+            if sl not in faces:
+                faces[sl] = ops.explicit_faces_numpy(self.D, sl, self._kinds_host)
+        return faces
 
     def _check(self, name, a):
         if a is None:

@@ -73,41 +73,69 @@ def harmonic(a, b, xp=np):
 # ---------------------------------------------------------------------------------------------
 
 
-def _axis_inflow_numpy(u, D, axis: int, kind_lo, val_lo, kind_hi, val_hi):
-    """Net diffusive inflow times dx^2 along ``axis`` of one (nz, ny, nx) field (vectorised)."""
-    v = np.moveaxis(u, axis, 0)
-    d = np.moveaxis(D, axis, 0)
-    acc = np.zeros_like(v)
-    if v.shape[0] > 1:
-        g = harmonic(d[:-1], d[1:]) * (v[1:] - v[:-1])  # flux from m+1 into m, times dx
-        acc[:-1] += g
-        acc[1:] -= g
-    if kind_lo == BC_PERIODIC and v.shape[0] > 1:
-        g = harmonic(d[-1], d[0]) * (v[0] - v[-1])  # the wrap face, flux from 0 into n-1
-        acc[-1] += g
-        acc[0] -= g
-    if kind_lo == BC_DIRICHLET:
-        acc[0] += 2 * d[0] * (val_lo - v[0])
-    if kind_hi == BC_DIRICHLET:
-        acc[-1] += 2 * d[-1] * (val_hi - v[-1])
-    return np.moveaxis(acc, 0, axis)
+def explicit_faces_numpy(D, s: int, bc_kind) -> dict:
+    """Face coefficients of field slot s for explicit_substep_numpy: {axis: (interior, wrap)}.
+
+    interior : 2 D_m D_m+1 / (D_m + D_m+1) between neighbours along the axis (harmonic(), shape
+    of the field less one along the axis); wrap : the periodic face between the last and first
+    planes (None unless that axis is periodic). D does not change during a run, so FieldSet
+    computes these once; they are the very floats harmonic() gives inside a substep.
+    """
+    out = {}
+    for ax in ("x", "y", "z"):
+        axis, f = _AXES[ax]
+        d = np.moveaxis(D[s], axis, 0)
+        if d.shape[0] == 1:
+            continue
+        wrap = harmonic(d[-1], d[0]) if int(bc_kind[s, f]) == BC_PERIODIC else None
+        out[axis] = (harmonic(d[:-1], d[1:]), wrap)
+    return out
 
 
-def explicit_substep_numpy(u_in, u_out, D, slots, bc_kind, bc_val, h_dx2) -> None:
+def explicit_substep_numpy(u_in, u_out, D, slots, bc_kind, bc_val, h_dx2, faces=None) -> None:
     """u_out[s] = u_in[s] + h/dx^2 div(D grad u_in[s]) for s in slots (forward Euler, 5/7-point).
 
     Writes u_out in place; u_out must not alias u_in. Axes of length 1 are skipped unless they
-    carry a Dirichlet face.
+    carry a Dirichlet face. faces : {slot: explicit_faces_numpy(D, slot, bc_kind)} kept by the
+    caller (computed here when absent). Works through three kept field-sized arrays (_scratch):
+    per axis the flux g = face (u_m+1 - u_m) adds to cell m and leaves cell m+1, the axis sums
+    add up x, y, z, so the floats are those of the plain per-axis expressions.
     """
+    shape = u_in.shape[1:]
+    nv = int(np.prod(shape))
+    work = _scratch(u_in.dtype, 3 * nv)
+    acc, ax_acc, gbuf = (work[i * nv : (i + 1) * nv].reshape(shape) for i in range(3))
+    hdt = u_in.dtype.type(h_dx2)
     for s in np.asarray(slots).tolist():
-        acc = np.zeros_like(u_in[s])
+        fs = faces[s] if faces is not None and s in faces else explicit_faces_numpy(D, s, bc_kind)
+        acc.fill(0)
         for ax in ("x", "y", "z"):
             axis, f = _AXES[ax]
             kl, kh = int(bc_kind[s, f]), int(bc_kind[s, f + 1])
             if u_in.shape[1 + axis] == 1 and BC_DIRICHLET not in (kl, kh):
                 continue
-            acc += _axis_inflow_numpy(u_in[s], D[s], axis, kl, bc_val[s, f], kh, bc_val[s, f + 1])
-        u_out[s] = u_in[s] + u_in.dtype.type(h_dx2) * acc
+            v = np.moveaxis(u_in[s], axis, 0)
+            d = np.moveaxis(D[s], axis, 0)
+            a = np.moveaxis(ax_acc, axis, 0)
+            a.fill(0)
+            if axis in fs:
+                face, wrap = fs[axis]
+                g = np.moveaxis(gbuf, axis, 0)[:-1]
+                np.subtract(v[1:], v[:-1], out=g)
+                np.multiply(face, g, out=g)  # flux from m+1 into m, times dx
+                a[:-1] += g
+                a[1:] -= g
+                if wrap is not None:
+                    gw = wrap * (v[0] - v[-1])  # the wrap face (a plane), flux from 0 into n-1
+                    a[-1] += gw
+                    a[0] -= gw
+            if kl == BC_DIRICHLET:
+                a[0] += 2 * d[0] * (bc_val[s, f] - v[0])
+            if kh == BC_DIRICHLET:
+                a[-1] += 2 * d[-1] * (bc_val[s, f + 1] - v[-1])
+            acc += ax_acc
+        acc *= hdt
+        np.add(u_in[s], acc, out=u_out[s])
 
 
 def explicit_substep_cupy(u_in, u_out, D, slots, bc_kind, bc_val, h_dx2) -> None:
