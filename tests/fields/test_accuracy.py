@@ -223,3 +223,31 @@ def test_two_layer_steady_flux(be):
     np.testing.assert_allclose([flux_in, flux_out], q, rtol=1e-9)
     b = fs.budget()["c"]
     assert abs(b["imbalance"]) < 1e-9 * max(abs(b["dirichlet_in"]), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_plane_wise_lod_solve_is_the_lapack_solve_bit_for_bit(dtype, monkeypatch):
+    """Large y and z sweeps solve plane by plane (ops._plane_solve) instead of one LAPACK ?pttrs
+    call on a transposed copy; both are dptts2's recurrences in the same order, so the fields
+    must be the same floats: variable D with zeros, Dirichlet and zero-flux faces, slots that
+    are not contiguous, a non-square grid."""
+    from tissuesim.fields import ops
+
+    rs = np.random.default_rng(4)
+    shape = (4, 7, 9, 11)
+    u0 = rs.random(shape).astype(dtype)
+    D = (100.0 * rs.random(shape)).astype(dtype)
+    D[1, 3] = 0.0  # a plane of D = 0: uncoupled voxels on every line crossing it
+    kinds = np.full((4, 6), ops.BC_ZERO_FLUX, dtype=np.int32)
+    kinds[0, [0, 2, 5]] = ops.BC_DIRICHLET
+    kinds[3, [1, 3, 4]] = ops.BC_DIRICHLET
+    vals = rs.random((4, 6)).astype(dtype)
+    for slots in ([0, 1, 2, 3], [0, 3], [1]):
+        for axis in ("y", "z"):
+            got, ref = u0.copy(), u0.copy()
+            monkeypatch.setattr(ops, "PLANE_SOLVE_MIN", 0)
+            ops.lod_sweep_numpy(got, D, slots, kinds, vals, axis, 0.37)
+            monkeypatch.setattr(ops, "PLANE_SOLVE_MIN", 1 << 60)
+            ops.lod_sweep_numpy(ref, D, slots, kinds, vals, axis, 0.37)
+            assert not np.array_equal(got, u0), "the sweep changed nothing"
+            assert np.array_equal(got.view(np.uint8), ref.view(np.uint8)), (slots, axis)
