@@ -6,6 +6,7 @@ the same suite is the CPU check in CI and the GPU check on a GPU machine.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tissuesim.backend import NUMPY, cupy_status, select_backend
@@ -51,3 +52,30 @@ def gpu_be():
     if not _CUPY_OK:
         pytest.skip(f"no GPU: {_CUPY_WHY}")
     return select_backend("cupy")
+
+
+class _Recorder:
+    """A run writer that keeps copies of the snapshots it is given and the checkpoint times, in
+    order (log entries ("snapshot", day, fields, agents) and ("checkpoint", day))."""
+
+    def __init__(self):
+        self.log = []
+
+    def write_snapshot(self, day, fields, agents):
+        copy = {k: np.array(v) for k, v in fields.items()}, {k: np.array(v) for k, v in agents.items()}
+        self.log.append(("snapshot", day, *copy))
+
+    def write_checkpoint(self, day, arrays, meta):
+        self.log.append(("checkpoint", day))
+
+    def write_timeseries(self, day, row):
+        pass
+
+    def write_event(self, day, what, detail):
+        pass
+
+
+@pytest.fixture
+def recorder():
+    """The class of a writer that records what a Simulation.run writes (see _Recorder)."""
+    return _Recorder

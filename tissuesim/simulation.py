@@ -79,6 +79,10 @@ class Simulation:
         self.step_count = 0
         self.stop_signal: int | None = None
         self.last_snapshot_step: int | None = None
+        #: CuPy: snapshots leave the device through staging and pinned buffers while the next
+        #: steps run (tissuesim.io.staging); False copies them synchronously
+        self.async_snapshots = True
+        self._stager = None
         self._ts_rows: list[dict[str, float]] = []
         self._counts: dict[str, int] = {}
 
@@ -325,9 +329,27 @@ class Simulation:
         return fields, agents
 
     def write_snapshot(self, writer) -> None:
+        """Write a snapshot of the state now, after any snapshot still in flight (synchronous)."""
+        self.flush_snapshots()
         fields, agents = self.snapshot()
         writer.write_snapshot(self.day, fields, agents)
         self.last_snapshot_step = self.step_count
+
+    def _submit_snapshot(self, writer) -> None:
+        """A snapshot of the state now, written once its copy has left the device (see
+        tissuesim.io.staging; on NumPy, or with async_snapshots off, at once)."""
+        from tissuesim.io.staging import Stager
+
+        if self._stager is None:
+            gpu = self.backend.is_gpu and self.async_snapshots
+            self._stager = Stager(self, "cupy" if gpu else None)
+        self._stager.submit(writer, self.day)
+        self.last_snapshot_step = self.step_count
+
+    def flush_snapshots(self) -> None:
+        """Wait for the snapshot in flight, if any, and write it."""
+        if self._stager is not None:
+            self._stager.flush()
 
     def run(
         self,
@@ -352,37 +374,44 @@ class Simulation:
         if self.step_count == 0:
             self.record_timeseries(writer)
             if writer is not None:
-                self.write_snapshot(writer)
+                self._submit_snapshot(writer)
             if on_output:
                 on_output(self)
         status = "completed"
-        while self.step_count < last:
-            self.step()
-            s = self.step_count
-            final = s == last
-            wrote = False
-            if s % ts_every == 0 or final:
-                self.record_timeseries(writer)
-                wrote = True
-            if writer is not None and (s % snap_every == 0 or final):
-                self.write_snapshot(writer)
-                wrote = True
-            if wrote and on_output:
-                on_output(self)
-            stopping = self.stop_signal is not None and not final
-            if writer is not None and (final or stopping or (ck_every and s % ck_every == 0)):
-                self.write_checkpoint(writer)
-            if stopping:
-                status = "interrupted"
-                if not wrote:
+        try:
+            while self.step_count < last:
+                self.step()
+                if self._stager is not None:
+                    self._stager.poll()
+                s = self.step_count
+                final = s == last
+                wrote = False
+                if s % ts_every == 0 or final:
                     self.record_timeseries(writer)
-                break
+                    wrote = True
+                if writer is not None and (s % snap_every == 0 or final):
+                    self._submit_snapshot(writer)
+                    wrote = True
+                if wrote and on_output:
+                    on_output(self)
+                stopping = self.stop_signal is not None and not final
+                if writer is not None and (final or stopping or (ck_every and s % ck_every == 0)):
+                    self.write_checkpoint(writer)
+                if stopping:
+                    status = "interrupted"
+                    if not wrote:
+                        self.record_timeseries(writer)
+                    break
+        finally:
+            # every snapshot taken is in the file when run() returns or raises
+            self.flush_snapshots()
         return status
 
     def write_checkpoint(self, writer) -> None:
         """Append the full restartable state to the writer's file (a sync point)."""
         from tissuesim.io import checkpoint
 
+        self.flush_snapshots()  # the file holds every snapshot up to a checkpoint
         arrays, meta = checkpoint.capture(self)
         writer.write_checkpoint(self.day, arrays, meta)
 
