@@ -162,6 +162,38 @@ def _allocation(sim, steps: int = 20) -> dict:
     return {"peak_transient_bytes": worst, "state_bytes": state, "ratio": worst / state}
 
 
+def _state_copy(sim, per_step: float) -> dict:
+    """A plain copy of the state (fields and every cell array) into kept buffers, timed in the
+    same run as the step: the step's cost in copies of the data it works on."""
+    be = sim.backend
+    xp = sim.xp
+    src = [sim.fields.values] + [sim.cells[k] for k in sim.cells.names]
+    dst = [xp.empty_like(a) for a in src]
+
+    def copy():
+        for d, a in zip(dst, src):
+            xp.copyto(d, a)
+
+    copy()
+    be.synchronize()
+    best = float("inf")
+    for _ in range(5):
+        reps = 0
+        t0 = time.perf_counter()
+        while reps < 3 or time.perf_counter() - t0 < 0.05:
+            copy()
+            reps += 1
+        be.synchronize()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    nbytes = sum(a.nbytes for a in src)
+    return {
+        "seconds": best,
+        "bytes": nbytes,
+        "GB_per_s": 2 * nbytes / best / 1e9,
+        "step_over_copy": per_step / best,
+    }
+
+
 def _time_steps(sim, seconds: float) -> float:
     """Seconds per step of sim.step() (best of three rounds of about seconds / 3 each)."""
     for _ in range(20):
@@ -243,6 +275,7 @@ def run_case(case: str, backend: str, seconds: float, phases: bool = True) -> di
         "ns_per_voxel_field": per_step / (sim.grid.n_voxels * len(sim.fields.names)) * 1e9,
         "ns_per_cell": per_step / max(sim.cells.n, 1) * 1e9,
     }
+    base["state_copy"] = _state_copy(sim, per_step)
     if not be.is_gpu:
         base["allocation"] = _allocation(sim)
     if not phases:
@@ -321,6 +354,11 @@ def main(argv=None) -> None:
         print(
             f"{case:>10} {'x'.join(map(str, r['shape'])):>16} {r['n_cells']:>8} {r['steps_per_second']:>9.1f} "
             f"{r['ns_per_voxel_field']:>10.2f} {r['ns_per_cell']:>8.0f}  {ph}"
+        )
+        sc = r["state_copy"]
+        print(
+            f"{'':>10} step = {sc['step_over_copy']:.0f} copies of the state "
+            f"({sc['bytes'] / 1e6:.2f} MB copied at {sc['GB_per_s']:.1f} GB/s in this run)"
         )
         if "allocation" in r:
             al = r["allocation"]
