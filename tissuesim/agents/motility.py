@@ -628,7 +628,11 @@ def init_velocity(
     r = rng.draw(ids, 0xFFFFFFFF, rng.PURPOSE_MOVE, 2, seed, xp=xp)
     z0, z1 = rng.box_muller(r[0], r[1], xp)
     z2, _ = rng.box_muller(r[2], r[3], xp)
-    sig = xp.asarray(np.array([p.speed_um_per_min / math.sqrt(ndim) for p in params], dtype=np.float32))
+    # a device constant: a copy from pageable host memory here would make the host wait for the
+    # device at every step with arrivals or births
+    sig = device_constant(
+        pop.be, np.array([p.speed_um_per_min / math.sqrt(ndim) for p in params], dtype=np.float32)
+    )
     s = sig[pop.type[rows].astype(np.int64)]
     v = xp.stack([z0 * s, z1 * s, z2 * s if ndim == 3 else xp.zeros_like(z2)], axis=1)
     pop.velocity[rows] = v.astype(np.float32)
