@@ -372,6 +372,39 @@ extern "C" __global__ void claim_commit(const unsigned long long* __restrict__ b
     }
 }
 
+// Cells entering through vessel walls (motility.extravasate_many; NumPy twin: extravasate).
+// Row r < m of this launch is the new cell id0 + r of type cell_type: from its Philox block
+// (id, step, PURPOSE_EXTRAVASATE, 0) word 0 picks a vessel voxel uniformly from `sites`, words
+// 1-3 a uniform point inside it (z at the slab centre when nz == 1). As in the twin the point is
+// formed in double (voxel index + float32 uniform) and rounded to float once; a coordinate that
+// rounds onto the voxel's upper face is pulled back to the float below it.
+extern "C" __global__ void extravasate_fill(const i64* __restrict__ sites, i64 n_sites, int cell_type, i64 id0,
+                                            int m, unsigned int step, unsigned int purpose, unsigned int k0,
+                                            unsigned int k1, int nz, int ny, int nx, double ox, double oy,
+                                            double oz, double dx, float* __restrict__ pos,
+                                            unsigned char* __restrict__ type) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= m) return;
+    tsim_u32x4 w = tsim_draw(id0 + r, step, purpose, 0u, k0, k1);
+    i64 pick = (i64)((double)tsim_uniform(w.x) * (double)n_sites);
+    if (pick > n_sites - 1) pick = n_sites - 1;
+    const i64 flat = sites[pick];
+    const i64 plane = (i64)ny * nx;
+    const i64 k = flat / plane, rem = flat % plane;
+    const i64 j = rem / nx, i = rem % nx;
+    const double frac[3] = {(double)tsim_uniform(w.y), (double)tsim_uniform(w.z),
+                            nz > 1 ? (double)tsim_uniform(w.w) : 0.5};
+    const double org[3] = {ox, oy, oz};
+    const i64 cell[3] = {i, j, k};
+    for (int a = 0; a < 3; ++a) {
+        float p = (float)(org[a] + ((double)cell[a] + frac[a]) * dx);
+        const float upper = (float)(org[a] + (double)(cell[a] + 1) * dx);
+        if (p >= upper) p = nextafterf(upper, -3.40282347e38f);  // towards -FLT_MAX: NVRTC has no INFINITY
+        pos[3 * (i64)r + a] = p;
+    }
+    type[r] = (unsigned char)cell_type;
+}
+
 // Test kernel: four uint32 per id (parity with rng.draw).
 extern "C" __global__ void philox_fill(const i64* __restrict__ id, int n, unsigned int step, unsigned int purpose,
                                        unsigned int draw, unsigned int k0, unsigned int k1,

@@ -61,12 +61,14 @@ _SCALAR = {
     "i64": np.int64,
     "long long": np.int64,
     "float": np.float32,
+    "double": np.float64,
 }
 _CTYPE = {
     np.int32: ctypes.c_int32,
     np.uint32: ctypes.c_uint32,
     np.int64: ctypes.c_int64,
     np.float32: ctypes.c_float,
+    np.float64: ctypes.c_double,
 }
 GUARD = 64  # poisoned bytes on each side of every array handed to a kernel
 # float guards read as 3.4e38 (an out-of-bounds read shows in the results), others as 0xA5A5...
@@ -508,3 +510,41 @@ def test_box_muller_fill_matches_twin(dev):
 def test_launch_skips_empty(dev):
     K.launch(dev.be, "philox_fill", 0, ())  # n == 0: no kernel is even looked up
     assert dev.log == []
+
+
+# --------------------------------------------------------------------------- arrivals
+
+FAR = Grid((3, 5, 4), dx=10.0, origin=(1.0e6 + 0.3, -2.0e6, 3.0e6))  # float32 spacing 0.06-0.25 um
+
+
+@pytest.mark.parametrize("grid", [*GRIDS, FAR], ids=[*GRID_IDS, "far"])
+def test_extravasate_fill_matches_twin(dev, grid):
+    """extravasate_many on the device (one extravasate_fill launch per arriving type, one add)
+    gives the cells the NumPy loop of extravasate gives: the same ids, types and float32
+    positions bit for bit. The far grid sits where float32 spacing is coarse, so points round onto
+    a voxel's upper face and take the pull-back."""
+    from tissuesim.agents import extravasate_many, vessel_sites
+
+    rs = np.random.default_rng(len(grid.shape) + grid.nx)
+    mask = rs.random(grid.shape) < 0.3
+    mask.reshape(-1)[[0, -1]] = True  # the first and the last voxel (upper faces of the grid)
+    counts = np.array([0, 7, 0, 130, 1], dtype=np.int64)
+    pops = []
+    for be in (NUMPY, dev.be):
+        pop = Population(be, capacity=16)
+        pop.add(be.asarray(np.zeros((5, 3), np.float32)), be.asarray(np.zeros(5, np.uint8)))
+        sites = vessel_sites(be.asarray(mask), be.xp)
+        for step in (3, 4):  # two batches: ids continue, rows append
+            assert extravasate_many(pop, grid, sites, counts, step, seed=11) == counts.sum()
+        pops.append(pop)
+    a, b = pops
+    assert a.n == b.n == 5 + 2 * counts.sum()
+    for name in ("position", "type", "id", "state", "age", "velocity"):
+        assert np.asarray(a[name][: a.n]).tobytes() == np.asarray(b[name][: b.n]).tobytes(), name
+    assert len(_launched(dev, "extravasate_fill")) == 2 * np.count_nonzero(counts)
+    if grid is FAR:  # the pull-back was taken: some coordinate sits one float below a face
+        pos = np.asarray(a["position"][5 : a.n], dtype=np.float64)
+        o, dx = np.array(grid.origin), grid.dx
+        faces = (np.floor((pos - o) / dx) + 1) * dx + o
+        below = np.nextafter(faces.astype(np.float32), np.float32(-np.inf))
+        assert (pos == below).any()

@@ -9,7 +9,7 @@ Public API::
     build_cell_list(pop, grid, width) -> CellList
     contacts(pop, radius, source_types, target_types, grid=..., cell_list=..., exact=True) -> Pairs
     claim_targets(pop, pairs, source_ok=None, target_ok=None, rounds=1) -> (target_of, taken_by)
-    vessel_sites(vessel_mask, xp); extravasate(...); intravasate(...)
+    vessel_sites(vessel_mask, xp); extravasate(...); extravasate_many(...); intravasate(...)
 
 Every CUDA kernel (kernels/agents.cu) has its NumPy twin next to its Python wrapper.
 """
@@ -24,6 +24,7 @@ from tissuesim.agents._kernels import (
 from tissuesim.agents.motility import (
     MotilityParams,
     extravasate,
+    extravasate_many,
     init_velocity,
     intravasate,
     move,
@@ -55,6 +56,7 @@ __all__ = [
     "contacts",
     "crowd_displacement",
     "extravasate",
+    "extravasate_many",
     "init_velocity",
     "intravasate",
     "move",

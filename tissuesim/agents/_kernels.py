@@ -18,6 +18,7 @@ KERNEL_NAMES = (
     "claim_choose",
     "claim_resolve",
     "claim_commit",
+    "extravasate_fill",
     "philox_fill",
     "box_muller_fill",
 )

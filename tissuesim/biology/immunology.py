@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tissuesim.agents import extravasate, init_velocity, intravasate, rng, vessel_sites
+from tissuesim.agents import extravasate_many, init_velocity, intravasate, rng, vessel_sites
 from tissuesim.agents.neighbours import contacts
 from tissuesim.backend import scatter_add
 from tissuesim.biology import rules
@@ -209,11 +209,10 @@ class Immunology:
             conc[ti] = self.blood_per_ul(names[ti])
         means = self.table.extravasation * conc * self.n_sites * dt_min * infl
         arrivals = poisson_small(means, sim.seed, step)
+        extravasate_many(pop, sim.grid, self.sites, arrivals, step, sim.seed, n_sites=self.n_sites)
         for ti in np.flatnonzero(arrivals):
-            m = int(arrivals[ti])
-            extravasate(pop, sim.grid, self.sites, int(ti), step, sim.seed, n_sites=self.n_sites, number=m)
             if names[ti] not in ("macrophage", "anti_car_t"):  # these come from pools not modelled in blood
-                self._move_blood(names[ti], -m)
+                self._move_blood(names[ti], -int(arrivals[ti]))
         if pop.n > n0:
             init_velocity(pop, sim.motility, sim.grid.ndim, sim.seed, rows=self.xp.arange(n0, pop.n))
         return events
