@@ -177,3 +177,32 @@ def test_snapshots_through_pinned_buffers_equal_synchronous_copies(gpu_be, recor
             for part in (2, 3):
                 for k in x[part]:
                     assert x[part][k].tobytes() == y[part][k].tobytes(), (x[1], k)
+
+
+def test_a_staged_snapshot_holds_the_state_its_stream_order_gives(gpu_be, recorder):
+    """The download must start after the work queued before the snapshot (its event) and must
+    read the staging copy, not the live arrays: a kernel that spins ~50 ms and then writes the
+    fields is queued before the snapshot, the fields are overwritten right after it; the
+    snapshot holds the spun kernel's values."""
+    cp = gpu_be.xp
+    spin = cp.RawKernel(
+        r"""extern "C" __global__ void spin_then_set(float* a, long long n, long long cycles, float v) {
+            long long t0 = clock64();
+            while (clock64() - t0 < cycles) {}
+            for (long long i = threadIdx.x; i < n; i += blockDim.x) a[i] = v;
+        }""",
+        "spin_then_set",
+    )
+    sim = _sim("cupy", "cd19")
+    rec = recorder()
+    vals = sim.fields.values
+    assert vals.dtype == np.float32
+    spin((1,), (256,), (vals, np.int64(vals.size), np.int64(100_000_000), np.float32(7.25)))
+    sim._submit_snapshot(rec)
+    vals.fill(-1.0)  # the live fields change at once; the snapshot must not see it
+    assert sim._stager.pending is not None
+    sim.flush_snapshots()
+    ((_, _, fields, agents),) = rec.log
+    for name, a in fields.items():
+        assert np.all(a == np.float32(7.25)), name
+    assert len(agents["id"]) == sim.cells.n

@@ -19,6 +19,7 @@ Usable from Python without Hydra::
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -32,6 +33,8 @@ from tissuesim.biology.therapy import Event, TherapySchedule
 from tissuesim.config import validate
 from tissuesim.grid import Grid
 from tissuesim.units import days
+
+log = logging.getLogger("tissuesim")
 
 #: Cell type names (DESIGN.md section 5); /agents/type stores the index into this tuple.
 CELL_TYPES = ("b_cell", "plasmablast", "plasma_cell", "cd19_car_t", "bcma_car_t", "anti_car_t", "macrophage")
@@ -371,14 +374,15 @@ class Simulation:
         # Checkpoints on schedule, and always at the end and on a stop, so any run can be resumed
         # or extended (tissuesim resume=RUN_DIR).
         ck_every = _steps(out.checkpoint_every_days, self.dt_min) if out.checkpoint_every_days > 0 else 0
-        if self.step_count == 0:
-            self.record_timeseries(writer)
-            if writer is not None:
-                self._submit_snapshot(writer)
-            if on_output:
-                on_output(self)
         status = "completed"
+        ok = False
         try:
+            if self.step_count == 0:
+                self.record_timeseries(writer)
+                if writer is not None:
+                    self._submit_snapshot(writer)
+                if on_output:
+                    on_output(self)
             while self.step_count < last:
                 self.step()
                 if self._stager is not None:
@@ -402,9 +406,17 @@ class Simulation:
                     if not wrote:
                         self.record_timeseries(writer)
                     break
+            ok = True
         finally:
-            # every snapshot taken is in the file when run() returns or raises
-            self.flush_snapshots()
+            # every snapshot taken is in the file when run() returns or raises; when run() raises,
+            # a failing flush is logged and the first error propagates
+            if ok:
+                self.flush_snapshots()
+            else:
+                try:
+                    self.flush_snapshots()
+                except Exception:
+                    log.warning("the snapshot in flight could not be written", exc_info=True)
         return status
 
     def write_checkpoint(self, writer) -> None:

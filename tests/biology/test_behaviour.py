@@ -54,16 +54,18 @@ def test_cd19_depletes_tissue_b_cells_within_14_days_where_untreated_they_persis
     # CAR-T entering or leaving the patch moves 0.87 cells/uL of blood, a noise of a few
     # cells/uL that puts the maximum of the coupled curve anywhere on that top (days 5.3-13 over
     # seeds 0-3 when this was written; it is not a readout of the peak day at this grid). What
-    # the coupled run must keep is the systemic course: the curve still at its top in days
-    # 7-14 (a peak that had passed before day 7 would fail), its maximum not before day 4, and
-    # every value from day 3 within the patch's share of the systemic one (the patch holds
-    # CAR-T that are not in blood: 0.49-1.0 of it over seeds 0-3).
+    # the coupled run must keep is the systemic course: the curve still at its top in days 7-14
+    # (their maximum >= 0.9 of the whole maximum: a peak that had passed and waned before day 7
+    # fails; 0.94-1.0 over seeds 0-3), and every value from day 3 within the patch's share of the
+    # systemic one (the patch holds CAR-T that are not in blood: 0.49-1.0 of it over seeds 0-3).
     car, t = cd19["blood_cd19_car_t_per_ul"], cd19["time"]
-    assert 4.0 <= t[int(np.argmax(car))] <= 14.0
-    assert car[(t >= 7) & (t <= 14)].mean() >= car[(t >= 2) & (t <= 5)].mean()
+    assert car[(t >= 7) & (t <= 14)].max() >= 0.9 * car.max()
     ref, _ = run_blood(cd19_sim.cfg, 14.0, dt_min=15.0, every_days=0.25)
-    ratio = car / np.interp(t, np.asarray(ref["time"]), np.asarray(ref["blood_cd19_car_t_per_ul"]))
-    assert 0.4 <= ratio[t >= 3].min() and ratio[t >= 3].max() <= 1.1
+    late = t >= 3
+    ratio = car[late] / np.interp(
+        t[late], np.asarray(ref["time"]), np.asarray(ref["blood_cd19_car_t_per_ul"])
+    )
+    assert 0.4 <= ratio.min() and ratio.max() <= 1.1
 
 
 @pytest.mark.slow

@@ -376,3 +376,11 @@ def test_fieldset_step_matches_numpy(dev, dtype):
         for term, v in out["numpy"][1][name].items():
             if term != "imbalance":
                 assert out["cupy"][1][name][term] == pytest.approx(v, rel=tol, abs=tol * scale), (name, term)
+
+
+def test_react_twin_refuses_arrays_it_cannot_update_in_place():
+    """react_numpy writes through flat views: a non-contiguous field array would be updated in
+    a copy and left unchanged, so it is refused."""
+    u = np.ones((2, 3, 4, 6), dtype=np.float32)[:, :, :, 1:4]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ops.react_numpy(u, np.array([0, 1]), np.array([0.1, 0.2]), None, None, None, None, 1.0)

@@ -106,3 +106,43 @@ def test_a_run_that_raises_still_writes_the_snapshot_in_flight(recorder):
     snaps = [e for e in rec.log if e[0] == "snapshot"]
     assert [round(e[1] * 1440) for e in snaps] == [0, 36]
     assert sim._stager.pending is None
+
+
+def test_an_error_at_the_first_output_still_writes_the_day_0_snapshot(recorder):
+    sim = tissuesim.Simulation(tissuesim.load_config(BASE))
+    sim._stager = Stager(sim, LateTransfers(1000))
+    rec = recorder()
+
+    def on_output(s):
+        raise RuntimeError("first output")
+
+    with pytest.raises(RuntimeError, match="first output"):
+        sim.run(writer=rec, on_output=on_output)
+    assert [e[:2] for e in rec.log] == [("snapshot", 0.0)]
+
+
+class FailingTransfers(LateTransfers):
+    def wait(self, token):
+        raise OSError("device lost")
+
+
+def test_a_failed_download_raises_once_and_does_not_hide_the_first_error(recorder):
+    """A download that fails is reported where it is waited for, once; when run() is already
+    raising, the failure of the final flush is logged and the first error propagates."""
+    sim = tissuesim.Simulation(tissuesim.load_config(BASE))
+    sim._stager = Stager(sim, FailingTransfers(1000))
+    rec = recorder()
+    with pytest.raises(OSError, match="device lost"):
+        sim.run(writer=rec)  # the second snapshot flushes the first: raises there
+    assert sim._stager.pending is None
+    sim.flush_snapshots()  # nothing left in flight: no second error
+
+    sim = tissuesim.Simulation(tissuesim.load_config(BASE))
+    sim._stager = Stager(sim, FailingTransfers(1000))
+
+    def on_output(s):
+        if s.step_count == 18:
+            raise RuntimeError("first error")
+
+    with pytest.raises(RuntimeError, match="first error"):
+        sim.run(writer=recorder(), on_output=on_output)

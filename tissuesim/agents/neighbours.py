@@ -15,7 +15,8 @@ count_pairs, write_pairs, crowd_displacement, claim_*); NumPy twins below.
 from __future__ import annotations
 
 import math
-import sys
+import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,21 +28,26 @@ from tissuesim.grid import Grid
 
 _U64MAX = np.uint64(0xFFFFFFFFFFFFFFFF)
 
-#: bin-grid buffers of NumPy cell lists, reused by the next list once no list holds them
-_POOL: dict = {}
+#: bin-grid buffers of NumPy cell lists, per thread: tag -> (buffer, weak reference to its list)
+_POOL = threading.local()
 
 
-def _pooled(tag: str, n: int, dtype) -> np.ndarray:
+def _pooled(tag: str, n: int, dtype, owner=None) -> np.ndarray:
     """A 1-D array of n elements of dtype (contents undefined) for a NumPy cell list's tables.
 
-    One list is built and dropped per query in a step, so the buffer of the last list is free
-    by the next build: it is reused when nothing but this pool refers to it (reference count),
-    otherwise, or when too small, a fresh one is made. A list that is still held keeps its own.
+    owner : the CellList that keeps the array (None: used only inside the calling function).
+    One list is built and dropped per query in a step, so the buffer of the last list is free by
+    the next build: it is handed out again once its owner list is gone (a weak reference, which
+    CPython clears when the last reference to the list goes), otherwise, or when too small, a
+    fresh one is made. A list that is still held keeps its own.
     """
-    buf = _POOL.get(tag)
-    # references: the pool's dict entry, `buf` here, getrefcount's argument
-    if buf is None or buf.dtype != dtype or buf.size < n or sys.getrefcount(buf) > 3:
-        buf = _POOL[tag] = np.empty(n, dtype=dtype)
+    pool = getattr(_POOL, "d", None)
+    if pool is None:
+        pool = _POOL.d = {}
+    buf, ref = pool.get(tag, (None, None))
+    if buf is None or buf.dtype != dtype or buf.size < n or (ref is not None and ref() is not None):
+        buf = np.empty(n, dtype=dtype)
+    pool[tag] = (buf, None if owner is None else weakref.ref(owner))
     return buf[:n]
 
 
@@ -197,11 +203,11 @@ def _build_cell_list_numpy(pos, n, origin, width, nb) -> CellList:
     pbin = _padded_bins(bx, by, bz, nb)
     cdt = np.int32 if n < 2**31 else np.int64  # ranges index `order`
     # counts per padded bin, summed in place into the ranges (no bin-grid temporaries)
-    cum = _pooled("cum", px * py * pz + 1, cdt)
+    cl = CellList(order, None, None, width, nb, origin, n)  # bin ranges: see CellList
+    cum = _pooled("cum", px * py * pz + 1, cdt, owner=cl)
     cum.fill(0)
     np.add.at(cum[1:], pbin, 1)
     np.cumsum(cum[1:], out=cum[1:])
-    cl = CellList(order, None, None, width, nb, origin, n)  # bin ranges: see CellList
     cl._pad = (cum, pad)
     cl._snap = _Snapshot(p.copy(), pbin)
     return cl
@@ -278,7 +284,7 @@ def _row_tables(cl: CellList):
     cdt = np.uint8 if top <= 0xFF else (np.uint16 if top <= 0xFFFF else np.int64)
     sdt = np.int32 if cl.n < 2**31 else np.int64
     start = cum[:-3] if cum.dtype == sdt else cum[:-3].astype(sdt)
-    narrow = _pooled(f"c3_{np.dtype(cdt).str}", m, cdt)
+    narrow = _pooled(f"c3_{np.dtype(cdt).str}", m, cdt, owner=cl)
     narrow[...] = c3
     cl._rows = (start, narrow)
     return cl._rows

@@ -17,6 +17,7 @@ Dirichlet value g sits on the face (ghost = 2 g - u, face flux 2 D (g - u)/dx).
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import numpy as np
@@ -99,7 +100,8 @@ def explicit_substep_numpy(u_in, u_out, D, slots, bc_kind, bc_val, h_dx2, faces=
     carry a Dirichlet face. faces : {slot: explicit_faces_numpy(D, slot, bc_kind)} kept by the
     caller (computed here when absent). Works through three kept field-sized arrays (_scratch):
     per axis the flux g = face (u_m+1 - u_m) adds to cell m and leaves cell m+1, the axis sums
-    add up x, y, z, so the floats are those of the plain per-axis expressions.
+    add up x, y, z; with D of u's dtype (as FieldSet keeps it) these are the floats of the plain
+    per-axis expressions.
     """
     shape = u_in.shape[1:]
     nv = int(np.prod(shape))
@@ -348,15 +350,20 @@ def _plane_layout(factors):
     return first(dd), first(e), first(add)
 
 
-_SCRATCH: dict = {}
+_SCRATCH = threading.local()
 
 
 def _scratch(dtype, n: int) -> np.ndarray:
-    """A kept 1-D work array of n elements of dtype (grown, never shrunk; one per dtype)."""
+    """A kept 1-D work array of n elements of dtype (grown, never shrunk; one per dtype and
+    thread). Its users (the explicit substep, the LOD solves, react_numpy) each take it for the
+    length of one call and call no other user meanwhile."""
     key = np.dtype(dtype).str
-    buf = _SCRATCH.get(key)
+    d = getattr(_SCRATCH, "d", None)
+    if d is None:
+        d = _SCRATCH.d = {}
+    buf = d.get(key)
     if buf is None or buf.size < n:
-        buf = _SCRATCH[key] = np.empty(n, dtype=dtype)
+        buf = d[key] = np.empty(n, dtype=dtype)
     return buf[:n]
 
 
@@ -553,9 +560,13 @@ def react_numpy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
 
     Computed in float64 whatever u's dtype, term by term as the kernel does (b = src + r cb,
     u e^{-z} + (b h) phi1), one block of REACT_BLOCK voxels at a time through two kept float64
-    work blocks: the step allocates nothing of grid size (the exponentials of a fixed rate are
-    cached across steps, see _react_coefficients).
+    work blocks. Without uptake (lam None) and budget (U None), as in runs, nothing of grid size
+    is allocated: the exponentials of the fixed rate are cached across steps (see
+    _react_coefficients); uptake makes them per step, the budget allocates its terms.
     """
+    for name, a in (("u", u), ("U", U)):
+        if a is not None and not a.flags.c_contiguous:  # written through flat views below
+            raise ValueError(f"react_numpy: {name} must be C-contiguous (got strides {a.strides})")
     nvox = int(np.prod(u.shape[1:]))
     blk = min(nvox, REACT_BLOCK)
     wu, wb = _scratch(np.float64, 2 * blk).reshape(2, blk)

@@ -126,18 +126,22 @@ class Stager:
         """Write the snapshot in flight if its copy has finished (never waits). True if written."""
         if self.pending is None or not self.t.finished(self.pending[3]):
             return False
-        self._write()
+        p, self.pending = self.pending, None
+        self._write(p)
         return True
 
     def flush(self) -> None:
-        """Wait for the snapshot in flight, if any, and write it."""
+        """Wait for the snapshot in flight, if any, and write it. It leaves the queue first, so
+        a failed copy or write raises once, not again at every later flush."""
         if self.pending is not None:
-            self.t.wait(self.pending[3])
-            self._write()
+            p, self.pending = self.pending, None
+            self.t.wait(p[3])
+            self._write(p)
 
-    def _write(self) -> None:
-        writer, day, n, _ = self.pending
-        self.pending = None
+    def _write(self, pending) -> None:
+        """Hand the pinned host buffers to the writer, which must copy them before it returns
+        (the HDF5 writer does): the next snapshot downloads into the same buffers."""
+        writer, day, n, _ = pending
         h = self._host
         fields = {name: h["fields"][i] for i, name in enumerate(self.sim.fields.names)}
         agents = {name: h[name][:n] for name in AGENT_ATTRS}
