@@ -31,13 +31,13 @@ part() { # name, seconds, command...
   if [ $rc -ne 0 ]; then status=1; failed="$failed $name"; fi
 }
 
-part gpu_tests 140 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o timeout=60 --continue-on-collection-errors --junitxml="$OUT/gpu_tests.xml" tests
+part gpu_tests 155 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o timeout=60 --continue-on-collection-errors --junitxml="$OUT/gpu_tests.xml" tests
 part bench_diffusion 20 "$PY" bench/diffusion.py --backend cupy --sizes 64 128 256 --out "$OUT"
 part bench_agents 20 "$PY" bench/agents.py --backend cupy --sizes 1e3,1e4,1e5,1e6,1e7 --min-time 0.5 --out "$OUT"
 part bench_step 45 "$PY" bench/step.py --backend cupy --seconds 2 --out "$OUT"
 # the same step with the biology's host-read formulation and no field graph, for the ratio
-part bench_step_baseline 20 "$PY" bench/step.py --backend cupy --seconds 2 --cases small 64:1e4 --host-paths --no-graph --tag _baseline --out "$OUT"
-part bench_scaling 25 "$PY" bench/scaling.py --backend cupy --sides 64 128 256 --cells 1e4 1e5 1e6 --seconds 0.5 --out "$OUT"
-part bench_syncs 30 "$PY" bench/syncs.py --steps 10 --out "$OUT"
+part bench_step_baseline 15 "$PY" bench/step.py --backend cupy --seconds 2 --cases small 64:1e4 --host-paths --no-graph --tag _baseline --out "$OUT"
+part bench_scaling 20 "$PY" bench/scaling.py --backend cupy --sides 64 128 256 --cells 1e4 1e5 1e6 --seconds 0.5 --out "$OUT"
+part bench_syncs 25 "$PY" bench/syncs.py --steps 10 --out "$OUT"
 echo "gpu-check finished with status $status${failed:+ (failed:$failed)}; results in $OUT" | tee -a "$OUT/status.txt"
 exit $status
