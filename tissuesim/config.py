@@ -103,6 +103,7 @@ class OutputConfig:
     compression: str = "gzip"
     compression_level: int = 1
     progress: bool = True
+    async_snapshots: bool = True
 
 
 @dataclass

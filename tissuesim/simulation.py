@@ -83,8 +83,8 @@ class Simulation:
         self.stop_signal: int | None = None
         self.last_snapshot_step: int | None = None
         #: CuPy: snapshots leave the device through staging and pinned buffers while the next
-        #: steps run (tissuesim.io.staging); False copies them synchronously
-        self.async_snapshots = True
+        #: steps run (tissuesim.io.staging; conf output.async_snapshots); False copies them at once
+        self.async_snapshots = bool(cfg.output.get("async_snapshots", True))
         self._stager = None
         self._ts_rows: list[dict[str, float]] = []
         self._counts: dict[str, int] = {}
