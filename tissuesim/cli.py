@@ -59,6 +59,8 @@ def _one_line(exc: BaseException) -> str:
             if "could not be converted to" in msg:
                 wanted = msg.rsplit(" ", 1)[-1].lower()
                 return f"{msg}; allowed: {'an' if wanted[0] in 'aeiou' else 'a'} {wanted}"
+            if "is not a valid bool" in msg:
+                return f"{msg}; allowed: true or false"
             return msg
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return "; ".join(lines[:1]) if lines else type(exc).__name__

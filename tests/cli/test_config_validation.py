@@ -41,6 +41,8 @@ BAD = [
     (["cells.b_cell.chemotaxis_field=tnf"], ["cells.b_cell.chemotaxis_field='tnf'", "cxcl13"]),
     (["dt_min=2"], ["dt_min=2.0", "cells.cd19_car_t", "more than one"]),
     (["cells.macrophage.persistence_min=0"], ["cells.macrophage.persistence_min=0", "> 0"]),
+    (["output.async_snapshots=sometimes"], ["output.async_snapshots=sometimes", "allowed: true or false"]),
+    (["output.progress=maybe"], ["output.progress=maybe", "allowed: true or false"]),
 ]
 
 
