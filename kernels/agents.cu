@@ -405,6 +405,21 @@ extern "C" __global__ void extravasate_fill(const i64* __restrict__ sites, i64 n
     type[r] = (unsigned char)cell_type;
 }
 
+// Four float32 uniforms per id (rng.draw_uniform; twin: rng.uniform of rng.draw's words), as
+// four rows of n: out[k * n + i] from word k of the Philox block (id[i], step, purpose, draw).
+extern "C" __global__ void philox_uniform_fill(const i64* __restrict__ id, int n, unsigned int step,
+                                               unsigned int purpose, unsigned int draw, unsigned int k0,
+                                               unsigned int k1, float* __restrict__ out) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    tsim_u32x4 r = tsim_draw(id[i], step, purpose, draw, k0, k1);
+    const i64 m = n;
+    out[i] = tsim_uniform(r.x);
+    out[m + i] = tsim_uniform(r.y);
+    out[2 * m + i] = tsim_uniform(r.z);
+    out[3 * m + i] = tsim_uniform(r.w);
+}
+
 // Test kernel: four uint32 per id (parity with rng.draw).
 extern "C" __global__ void philox_fill(const i64* __restrict__ id, int n, unsigned int step, unsigned int purpose,
                                        unsigned int draw, unsigned int k0, unsigned int k1,

@@ -492,6 +492,19 @@ def test_philox_fill_bits_match_twin(dev):
         np.testing.assert_array_equal(out, np.stack(rng.draw(ids, step, purpose, draw, seed), axis=1))
 
 
+def test_philox_uniform_fill_matches_twin(dev, monkeypatch):
+    """rng.draw_uniform through its device path (one philox_uniform_fill launch) equals the
+    NumPy form, rng.uniform of rng.draw's four words, bit for bit."""
+    monkeypatch.setattr("tissuesim.fields._device.backend_of", lambda a: dev.be)
+    ids = np.concatenate([np.arange(1500), [2**33 + 5, 2**62, -1, -(2**63)]]).astype(np.int64)
+    for seed, step, purpose, draw in [(0xDEADBEEF12345, 77, 64, 1), (-3, 2**32 - 1, 0xFFFF, 0xFFFF)]:
+        got = rng.draw_uniform(dev.xp.asarray(ids), step, purpose, draw, seed, xp=dev.xp)
+        want = rng.uniform(np.stack(rng.draw(ids, step, purpose, draw, seed)), np)
+        assert got.shape == (4, ids.size) and got.dtype == np.float32
+        assert np.asarray(got).tobytes() == want.tobytes()
+    assert len(_launched(dev, "philox_uniform_fill")) == 2
+
+
 def test_box_muller_fill_matches_twin(dev):
     xp = dev.xp
     r = rng.draw(np.arange(3000, dtype=np.int64), 5, 1, 0, 42)

@@ -20,6 +20,7 @@ KERNEL_NAMES = (
     "claim_commit",
     "extravasate_fill",
     "philox_fill",
+    "philox_uniform_fill",
     "box_muller_fill",
 )
 BLOCK = 256

@@ -129,6 +129,41 @@ def _draw_kernel(ids, step: int, purpose: int, draw_index: int, seed: int, xp):
     return out[:, 0], out[:, 1], out[:, 2], out[:, 3]
 
 
+def draw_uniform(ids, step: int, purpose: int, draw_index: int, seed: int, xp=np):
+    """float32 (4, n): :func:`uniform` of the four words of :func:`draw`, one row per word.
+
+    On CuPy one launch of the kernel philox_uniform_fill (the Philox block and the four
+    uniforms; draw and four uniform() calls are some 20 small launches), bit for bit the same
+    floats."""
+    if xp is np or np.ndim(ids) != 1:
+        return uniform(xp.stack(draw(ids, step, purpose, draw_index, seed, xp=xp)), xp)
+    from tissuesim.agents import _kernels as K
+    from tissuesim.fields._device import backend_of
+
+    ids = xp.ascontiguousarray(xp.asarray(ids, dtype=xp.int64))
+    n = int(ids.shape[0])
+    if n >= 2**31:
+        return uniform(xp.stack(draw(ids, step, purpose, draw_index, seed, xp=xp)), xp)
+    out = xp.empty((4, n), dtype=xp.float32)
+    k0, k1 = seed_key(seed)
+    K.launch(
+        backend_of(ids),
+        "philox_uniform_fill",
+        n,
+        (
+            ids,
+            np.int32(n),
+            np.uint32(int(step) & _MASK32),
+            np.uint32(int(purpose) & 0xFFFF),
+            np.uint32(int(draw_index) & 0xFFFF),
+            np.uint32(k0),
+            np.uint32(k1),
+            out,
+        ),
+    )
+    return out
+
+
 def draw_blocks(ids, step: int, purpose: int, draw_indices, seed: int):
     """NumPy only: :func:`draw` for several draw indices at once, bit for bit.
 

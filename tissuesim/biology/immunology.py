@@ -241,11 +241,7 @@ class Immunology:
             else 0.0
         )
         rtx_h *= self.bio.rituximab_tissue_penetration
-        w = rng.draw(pop.id[:n], step, rules.PURPOSE_FATE, 0, sim.seed, xp=xp)
-        if xp is np:  # the four words as one (4, n) array: one conversion, the same floats
-            u = rng.uniform(np.stack(w), xp)
-        else:
-            u = [rng.uniform(wk, xp) for wk in w]
+        u = rng.draw_uniform(pop.id[:n], step, rules.PURPOSE_FATE, 0, sim.seed, xp=xp)  # (4, n)
         if self._fate_tables is None or self._fate_tables.dt_min != float(dt_min):
             self._fate_tables = rules.fate_tables(
                 self.ntypes,

@@ -108,7 +108,7 @@ def contact_kills(
     tgt = target_of[s].astype(np.int64)
     kills = pop["kills"]
     p = xp.asarray(kill_p)[t[s]] * xp.exp(-kills[s].astype(np.float64) / exhaustion_kills)
-    u = rng.uniform(rng.draw(pop.id[s], step, PURPOSE_KILL, 0, seed, xp=xp)[0], xp)
+    u = rng.draw_uniform(pop.id[s], step, PURPOSE_KILL, 0, seed, xp=xp)[0]
     hit = u < p
     busy[s] = np.float32(now_min + handling_min)
     kills[s] += hit.astype(np.int32)
@@ -154,7 +154,7 @@ def contact_kills_masked(
     engaged = target_of >= 0
     kills = pop["kills"][:n]
     p = kill_p[t] * xp.exp(-kills.astype(np.float64) / exhaustion_kills)
-    u = rng.uniform(rng.draw(pop.id[:n], step, PURPOSE_KILL, 0, seed, xp=xp)[0], xp)
+    u = rng.draw_uniform(pop.id[:n], step, PURPOSE_KILL, 0, seed, xp=xp)[0]
     hit = engaged & (u < p)
     busy[...] = xp.where(engaged, np.float32(now_min + handling_min), busy)
     kills += hit.astype(np.int32)
