@@ -420,6 +420,26 @@ extern "C" __global__ void philox_uniform_fill(const i64* __restrict__ id, int n
     out[3 * m + i] = tsim_uniform(r.w);
 }
 
+// Velocities from the stationary OU law for rows row0 .. row0 + m - 1 (motility.init_velocity):
+// per axis N(0, sig[type]^2), the normals by Box-Muller from the Philox block (id, 0xffffffff,
+// PURPOSE_MOVE, 2): words 0, 1 give x and y, words 2, 3 give z (0 in 2D). sig : float32 (256,),
+// zero past the configured types.
+extern "C" __global__ void init_velocity_fill(const i64* __restrict__ id, const unsigned char* __restrict__ type,
+                                              i64 row0, int m, unsigned int k0, unsigned int k1,
+                                              const float* __restrict__ sig, int ndim, float* __restrict__ vel) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= m) return;
+    const i64 row = row0 + r;
+    tsim_u32x4 w = tsim_draw(id[row], 0xffffffffu, PURPOSE_MOVE, 2u, k0, k1);
+    float z0, z1, z2, z3;
+    tsim_box_muller(w.x, w.y, &z0, &z1);
+    tsim_box_muller(w.z, w.w, &z2, &z3);
+    const float s = sig[type[row]];
+    vel[3 * row] = z0 * s;
+    vel[3 * row + 1] = z1 * s;
+    vel[3 * row + 2] = ndim == 3 ? z2 * s : 0.0f;
+}
+
 // Test kernel: four uint32 per id (parity with rng.draw).
 extern "C" __global__ void philox_fill(const i64* __restrict__ id, int n, unsigned int step, unsigned int purpose,
                                        unsigned int draw, unsigned int k0, unsigned int k1,

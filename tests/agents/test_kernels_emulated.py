@@ -520,6 +520,33 @@ def test_box_muller_fill_matches_twin(dev):
     assert np.abs(z0).max() > 4 and np.isfinite(z0).all() and np.isfinite(z1).all()
 
 
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+def test_init_velocity_fill_matches_twin(dev, grid):
+    """init_velocity(start=...) on the device (one init_velocity_fill launch for the appended
+    rows) against the NumPy form: the same Philox block per id, Box-Muller to an ulp or two of
+    log/cos/sin (libm vs NumPy), the type's speed, z = 0 in 2D; rows before start untouched."""
+    from tissuesim.agents import init_velocity
+
+    params = [MotilityParams(speed_um_per_min=s, persistence_min=3.0) for s in (2.0, 0.0, 11.0)]
+    host, devp = _pops(dev, grid, 400, seed=9)
+    before = np.asarray(devp.velocity[:400]).copy()
+    rs = np.random.default_rng(9)
+    more = (np.array(grid.origin) + rs.random((150, 3)) * np.array(grid.extent_um)).astype(np.float32)
+    typ = rs.choice(np.array([0, 1, 2], np.uint8), 150)
+    for p in (host, devp):
+        p.add(p.xp.asarray(more.copy()), p.xp.asarray(typ.copy()))
+        init_velocity(p, params, grid.ndim, seed=21, start=400)
+    got = np.asarray(devp.velocity[: devp.n])
+    want = np.asarray(host.velocity[: host.n])
+    assert np.array_equal(got[:400], before), "rows before start changed"
+    tol = 2e-6 * (1 + np.abs(want[400:]))
+    assert (np.abs(got[400:] - want[400:]) <= tol).all()
+    assert (got[400:][typ == 1] == 0).all() and np.abs(got[400:][typ == 2]).max() > 5
+    if grid.nz == 1:
+        assert (got[400:, 2] == 0).all()
+    assert len(_launched(dev, "init_velocity_fill")) == 1
+
+
 def test_launch_skips_empty(dev):
     K.launch(dev.be, "philox_fill", 0, ())  # n == 0: no kernel is even looked up
     assert dev.log == []

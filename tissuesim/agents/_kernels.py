@@ -21,6 +21,7 @@ KERNEL_NAMES = (
     "extravasate_fill",
     "philox_fill",
     "philox_uniform_fill",
+    "init_velocity_fill",
     "box_muller_fill",
 )
 BLOCK = 256

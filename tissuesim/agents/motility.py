@@ -613,16 +613,46 @@ def move(
 
 
 def init_velocity(
-    pop: Population, motility: Sequence[MotilityParams], ndim: int, seed: int, rows=None
+    pop: Population, motility: Sequence[MotilityParams], ndim: int, seed: int, rows=None, start=None
 ) -> None:
     """Draw velocities from the stationary OU law (each axis N(0, s^2/d)) for ``rows`` (default all).
 
     Keyed by (seed, id, step 0xffffffff, PURPOSE_MOVE, draw 2), so it never repeats a move draw.
-    Starting from the stationary law makes the Fuerth MSD hold from t = 0.
+    Starting from the stationary law makes the Fuerth MSD hold from t = 0. ``start`` (instead of
+    rows): the rows start .. pop.n - 1, e.g. cells just appended; on CuPy these take one launch
+    of the kernel init_velocity_fill (same draws; Box-Muller's log/cos/sin are the GPU's).
     """
     xp = pop.xp
     params = _as_params(pop, motility)
     n = pop.n
+    sig_h = np.array([p.speed_um_per_min / math.sqrt(ndim) for p in params], dtype=np.float32)
+    if start is not None:
+        if rows is not None:
+            raise ValueError("init_velocity: give rows or start, not both")
+        if pop.be.is_gpu:
+            if n - start <= 0:
+                return
+            table = np.zeros(256, dtype=np.float32)
+            table[: sig_h.shape[0]] = sig_h[:256]
+            k0, k1 = rng.seed_key(seed)
+            K.launch(
+                pop.be,
+                "init_velocity_fill",
+                n - start,
+                (
+                    pop.id,
+                    pop.type,
+                    np.int64(start),
+                    np.int32(n - start),
+                    np.uint32(k0),
+                    np.uint32(k1),
+                    device_constant(pop.be, table),
+                    np.int32(ndim),
+                    pop.velocity,
+                ),
+            )
+            return
+        rows = xp.arange(start, n)
     rows = xp.arange(n) if rows is None else xp.asarray(rows)
     ids = pop.id[rows]
     r = rng.draw(ids, 0xFFFFFFFF, rng.PURPOSE_MOVE, 2, seed, xp=xp)
@@ -630,9 +660,7 @@ def init_velocity(
     z2, _ = rng.box_muller(r[2], r[3], xp)
     # a device constant: a copy from pageable host memory here would make the host wait for the
     # device at every step with arrivals or births
-    sig = device_constant(
-        pop.be, np.array([p.speed_um_per_min / math.sqrt(ndim) for p in params], dtype=np.float32)
-    )
+    sig = device_constant(pop.be, sig_h)
     s = sig[pop.type[rows].astype(np.int64)]
     v = xp.stack([z0 * s, z1 * s, z2 * s if ndim == 3 else xp.zeros_like(z2)], axis=1)
     pop.velocity[rows] = v.astype(np.float32)

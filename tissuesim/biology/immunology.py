@@ -214,7 +214,7 @@ class Immunology:
             if names[ti] not in ("macrophage", "anti_car_t"):  # these come from pools not modelled in blood
                 self._move_blood(names[ti], -int(arrivals[ti]))
         if pop.n > n0:
-            init_velocity(pop, sim.motility, sim.grid.ndim, sim.seed, rows=self.xp.arange(n0, pop.n))
+            init_velocity(pop, sim.motility, sim.grid.ndim, sim.seed, start=n0)
         return events
 
     def after_move(self, step: int, dt_min: float) -> None:
@@ -339,19 +339,18 @@ class Immunology:
         if parents.shape[0]:
             n0 = pop.n
             pop.add(d["position"], d["type"], state=d["state"], kills=d["kills"], last_kill=d["last_kill"])
-            init_velocity(pop, sim.motility, sim.grid.ndim, sim.seed, rows=xp.arange(n0, pop.n))
+            init_velocity(pop, sim.motility, sim.grid.ndim, sim.seed, start=n0)
 
     def _births_and_exits_device(self, pop, dead, leave, divide, t) -> None:
         """The same as _births_and_exits_host with one device read (Population.remove_and_divide)."""
         sim = self.sim
-        xp = self.xp
         # exits per type without a host read: a (ntypes, n) one-hot sum (ntypes is small)
         left = ((t[None, :] == self._type_range_d[:, None]) & leave[None, :]).sum(axis=1)
         _removed, born, left = pop.remove_and_divide(dead | leave, divide, self.INHERIT, extra=left)
         for ti in np.flatnonzero(left):
             self._move_blood(self.table.cell_types[ti], int(left[ti]))
         if born:
-            init_velocity(pop, sim.motility, sim.grid.ndim, sim.seed, rows=xp.arange(pop.n - born, pop.n))
+            init_velocity(pop, sim.motility, sim.grid.ndim, sim.seed, start=pop.n - born)
 
     def _contact_search_needed(self, pop, n: int, now: float) -> bool:
         """Whether a contact search can find a kill (NumPy): some free killer has a target of a
