@@ -440,6 +440,50 @@ extern "C" __global__ void init_velocity_fill(const i64* __restrict__ id, const 
     vel[3 * row + 2] = ndim == 3 ? z2 * s : 0.0f;
 }
 
+// ------------------------------------------------------------------ biology
+// Deaths, divisions and state changes of every live cell in one pass (tissuesim.biology.rules.
+// cell_fates; float32 fields only). u : (4, n) uniforms; tables by type t and kt = 2 t + activated:
+// death (1/min) with rituximab's hazard rtx on CD20+ types, p_div over 2 kt + stimulated,
+// r_state and kind over kt (kind 1: rate b_act x damage, 2: the macrophage's IFN-gamma and damage
+// rate), new_type / new_state over kt. The arithmetic is the twin's: probabilities 1 - e^{-r dt}
+// in double from the double rates; the per-cell rates in float32 from float32 constants, as
+// NumPy forms them from a float32 array and Python floats; the kill window compared in float32.
+extern "C" __global__ void cell_fates(int n, const float* __restrict__ u, unsigned char* __restrict__ type,
+                                      unsigned char* __restrict__ state, const float* __restrict__ last_kill,
+                                      const float* __restrict__ ifng_at, const float* __restrict__ damage_at,
+                                      const double* __restrict__ death, const unsigned char* __restrict__ cd20,
+                                      double rtx, const double* __restrict__ p_div,
+                                      const double* __restrict__ r_state, const unsigned char* __restrict__ kind,
+                                      const unsigned char* __restrict__ new_type,
+                                      const unsigned char* __restrict__ new_state, float now, float stim_window,
+                                      float b_act, float mac_ifng, float mac_kd, float mac_damage, double dt,
+                                      unsigned char* __restrict__ dead, unsigned char* __restrict__ divide) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const i64 m = n;
+    const int t = type[i];
+    const int kt = 2 * t + (state[i] == 1 ? 1 : 0);
+    const double a = death[t] + (cd20[t] ? rtx : 0.0);
+    const bool d = (double)u[i] < -expm1(-a * dt);
+    const bool stim = (now - last_kill[i]) < stim_window;
+    const bool div = !d && (double)u[m + i] < p_div[2 * kt + (stim ? 1 : 0)];
+    double r = r_state[kt];
+    const int k = kind[kt];
+    if (k == 1) {
+        r = (double)(b_act * damage_at[i]);
+    } else if (k == 2) {
+        const float g = ifng_at[i];
+        r = (double)(mac_ifng * g / (g + mac_kd) + mac_damage * damage_at[i]);
+    }
+    const bool change = !d && !div && (double)u[2 * m + i] < -expm1(-r * dt);
+    if (change) {
+        type[i] = new_type[kt];
+        state[i] = new_state[kt];
+    }
+    dead[i] = d ? 1 : 0;
+    divide[i] = div ? 1 : 0;
+}
+
 // Test kernel: four uint32 per id (parity with rng.draw).
 extern "C" __global__ void philox_fill(const i64* __restrict__ id, int n, unsigned int step, unsigned int purpose,
                                        unsigned int draw, unsigned int k0, unsigned int k1,

@@ -48,6 +48,7 @@ KERNELS = set(K.KERNEL_NAMES)
 
 _PTR = {
     "float": np.float32,
+    "double": np.float64,
     "unsigned char": np.uint8,
     "int": np.int32,
     "unsigned int": np.uint32,
@@ -545,6 +546,53 @@ def test_init_velocity_fill_matches_twin(dev, grid):
     if grid.nz == 1:
         assert (got[400:, 2] == 0).all()
     assert len(_launched(dev, "init_velocity_fill")) == 1
+
+
+@pytest.mark.parametrize("dt_min", [1.0, 900.0])
+def test_cell_fates_kernel_matches_twin(dev, dt_min):
+    """rules.cell_fates through its device path (one cell_fates launch) takes the decisions of
+    the element-wise NumPy form for every cell: dead, divide, the new type and state. The rates
+    are the configured ones; dt = 900 min makes every kind of event common; rituximab on; some
+    cells just killed (stimulated CAR-T), zeros among the field values."""
+    import tissuesim
+    from tissuesim.biology import rules
+
+    sim = tissuesim.Simulation(tissuesim.load_config(["grid=tiny", "backend=numpy", "output.progress=false"]))
+    imm = sim.immunology
+    nt = len(sim.cell_types)
+    rs = np.random.default_rng(int(dt_min))
+    n = 3000
+    pos = rs.random((n, 3)).astype(np.float32)
+    typ = rs.integers(0, nt, n).astype(np.uint8)
+    state = rs.integers(0, 2, n).astype(np.uint8)
+    last_kill = np.where(rs.random(n) < 0.3, 995.0 - 30 * rs.random(n), -1e30).astype(np.float32)
+    ifng = np.where(rs.random(n) < 0.2, 0, 3 * rs.random(n)).astype(np.float32)
+    dmg = np.where(rs.random(n) < 0.2, 0, rs.random(n)).astype(np.float32)
+    u = rs.random((4, n)).astype(np.float32)
+    out = []
+    for be in (NUMPY, dev.be):
+        xp = be.xp
+        pop = Population(be, capacity=n + 7)
+        pop.register("last_kill", np.float32, fill=-1e30)
+        pop.add(xp.asarray(pos), xp.asarray(typ), state=xp.asarray(state))
+        pop["last_kill"][:n] = xp.asarray(last_kill)
+        tables = rules.fate_tables(
+            nt, dt_min, imm.table.death_per_min, imm.idx, imm.rates, imm.cd20, imm.car_mask, xp
+        )
+        dead, div = rules.cell_fates(
+            pop, xp.asarray(u), dt_min, 1000.0, imm.table.death_per_min, imm.idx, imm.rates,
+            xp.asarray(ifng), xp.asarray(dmg), 0.002, imm.cd20, imm.car_mask, tables=tables,
+        )  # fmt: skip
+        out.append({k: np.asarray(v).copy() for k, v in
+                    (("dead", dead), ("divide", div), ("type", pop.type[:n]), ("state", pop.state[:n]))})  # fmt: skip
+    a, b = out
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    assert len(_launched(dev, "cell_fates")) == 1
+    if dt_min > 100:  # every kind of decision happened
+        assert (
+            a["dead"].any() and a["divide"].any() and (a["type"] != typ).any() and (a["state"] != state).any()
+        )
 
 
 def test_launch_skips_empty(dev):

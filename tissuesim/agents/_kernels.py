@@ -22,6 +22,7 @@ KERNEL_NAMES = (
     "philox_fill",
     "philox_uniform_fill",
     "init_velocity_fill",
+    "cell_fates",
     "box_muller_fill",
 )
 BLOCK = 256
