@@ -444,6 +444,7 @@ extern "C" __global__ void init_velocity_fill(const i64* __restrict__ id, const 
 // Deaths, divisions and state changes of every live cell in one pass (tissuesim.biology.rules.
 // cell_fates; float32 fields only). u : (4, n) uniforms; tables by type t and kt = 2 t + activated:
 // death (1/min) with rituximab's hazard rtx on CD20+ types, p_div over 2 kt + stimulated,
+// (a type >= ntypes has no tables: it neither dies nor divides nor changes here; NumPy raises)
 // r_state and kind over kt (kind 1: rate b_act x damage, 2: the macrophage's IFN-gamma and damage
 // rate), new_type / new_state over kt. The arithmetic is the twin's: probabilities 1 - e^{-r dt}
 // in double from the double rates; the per-cell rates in float32 from float32 constants, as
@@ -457,11 +458,17 @@ extern "C" __global__ void cell_fates(int n, const float* __restrict__ u, unsign
                                       const unsigned char* __restrict__ new_type,
                                       const unsigned char* __restrict__ new_state, float now, float stim_window,
                                       float b_act, float mac_ifng, float mac_kd, float mac_damage, double dt,
-                                      unsigned char* __restrict__ dead, unsigned char* __restrict__ divide) {
+                                      int ntypes, unsigned char* __restrict__ dead,
+                                      unsigned char* __restrict__ divide) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const i64 m = n;
     const int t = type[i];
+    if (t >= ntypes) {  // no tables for it (the move flags FLAG_BAD_TYPE): no fate, no table read
+        dead[i] = 0;
+        divide[i] = 0;
+        return;
+    }
     const int kt = 2 * t + (state[i] == 1 ? 1 : 0);
     const double a = death[t] + (cd20[t] ? rtx : 0.0);
     const bool d = (double)u[i] < -expm1(-a * dt);

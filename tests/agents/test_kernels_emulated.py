@@ -595,6 +595,125 @@ def test_cell_fates_kernel_matches_twin(dev, dt_min):
         )
 
 
+@pytest.mark.parametrize("dt_min", [1.0, 7.0])
+def test_cell_fates_kernel_decides_boundary_cases_as_the_twin(dev, dt_min):
+    """Cells placed on the edges of every decision, where a kernel that rounds a probability or a
+    rate differently, or compares with <= instead of <, decides otherwise: each uniform that
+    decides is float32(p) of the twin's own p (death, division or state change; the others
+    1 - 2^-24, deciding nothing), and kills exactly one kill window ago, one float32 either side
+    of it, or never. Every type and activation state; the rates that depend on the fields are
+    probed at 41 field values each, so a rate formed in another precision shows."""
+    import tissuesim
+    from tissuesim.biology import rules
+
+    sim = tissuesim.Simulation(tissuesim.load_config(["grid=tiny", "backend=numpy", "output.progress=false"]))
+    imm = sim.immunology
+    rates = imm.rates
+    nt = len(sim.cell_types)
+    now = np.float32(5000.0)
+    w = np.float32(rates["stim_window"])
+    edge = np.float32(now - w)
+    assert np.float32(now - edge) == w  # exactly one window ago
+    kills = np.array(
+        [edge, np.nextafter(edge, np.float32(0)), np.nextafter(edge, np.float32(1e9)), -1e30], np.float32
+    )
+    rtx = 0.003
+    rs = np.random.default_rng(int(dt_min))
+    field_values = [(np.float32(0.37), np.float32(0.61))]
+    field_values += [(np.float32(x), np.float32(y)) for x, y in 3 * rs.random((40, 2))]
+    tables = rules.fate_tables(
+        nt, dt_min, imm.table.death_per_min, imm.idx, rates, imm.cd20, imm.car_mask, np
+    )
+    typ, state, lk, u, fi, fd = [], [], [], [], [], []
+    one = np.float32(1 - 2.0**-24)
+    for t in range(nt):
+        for act in (0, 1):
+            kt = 2 * t + act
+            p_death = tables.p_death(rtx)[t]
+            for ifng, dmg in field_values if tables.kind[kt] else field_values[:1]:
+                r = tables.r_state[kt]  # the twin's per-cell rate: float32 values x Python floats
+                if tables.kind[kt] == 1:
+                    r = np.float64(rates["b_act"] * dmg)
+                elif tables.kind[kt] == 2:
+                    r = np.float64(
+                        rates["mac_ifng"] * ifng / (ifng + rates["mac_kd"]) + rates["mac_damage"] * dmg
+                    )
+                p_change = rules.prob(r, dt_min)
+                for k in kills:
+                    stim = np.float32(now - k) < w
+                    p_div = tables.p_div[2 * kt + int(stim)]
+                    for which, p in ((0, p_death), (1, p_div), (2, p_change)):
+                        uu = [one, one, one, one]
+                        uu[which] = np.float32(p)
+                        typ.append(t), state.append(act), lk.append(k), u.append(uu)
+                        fi.append(ifng), fd.append(dmg)
+    n = len(typ)
+    typ, state, lk = np.array(typ, np.uint8), np.array(state, np.uint8), np.array(lk, np.float32)
+    u = np.array(u, np.float32).T.copy()
+    fi, fd = np.array(fi, np.float32), np.array(fd, np.float32)
+    out = []
+    for be in (NUMPY, dev.be):
+        xp = be.xp
+        pop = Population(be, capacity=n + 3)
+        pop.register("last_kill", np.float32, fill=-1e30)
+        pop.add(xp.asarray(np.zeros((n, 3), np.float32)), xp.asarray(typ), state=xp.asarray(state))
+        pop["last_kill"][:n] = xp.asarray(lk)
+        tb = rules.fate_tables(
+            nt, dt_min, imm.table.death_per_min, imm.idx, rates, imm.cd20, imm.car_mask, xp
+        )
+        dead, div = rules.cell_fates(
+            pop, xp.asarray(u), dt_min, float(now), imm.table.death_per_min, imm.idx, rates,
+            xp.asarray(fi), xp.asarray(fd), rtx, imm.cd20, imm.car_mask, tables=tb,
+        )  # fmt: skip
+        out.append([np.asarray(a).copy() for a in (dead, div, pop.type[:n], pop.state[:n])])
+    for name, a, b in zip(("dead", "divide", "type", "state"), *out):
+        assert np.array_equal(a, b), name
+    dead, div = out[0][0], out[0][1]
+    assert dead.any()  # some probes sit where float32(p) < p: the rounding of p decides them
+
+
+def test_cell_fates_kernel_leaves_types_without_tables_alone(dev):
+    """A type past the fate tables (which the move flags as FLAG_BAD_TYPE) gets no fate on the
+    device and no table is read for it; NumPy raises IndexError on it instead."""
+    import tissuesim
+    from tissuesim.biology import rules
+
+    sim = tissuesim.Simulation(tissuesim.load_config(["grid=tiny", "backend=numpy", "output.progress=false"]))
+    imm = sim.immunology
+    nt = len(sim.cell_types)
+    xp = dev.xp
+    pop = Population(dev.be, capacity=8)
+    pop.register("last_kill", np.float32, fill=-1e30)
+    typ = np.array([nt, nt + 5, 255], np.uint8)
+    pop.add(xp.asarray(np.zeros((3, 3), np.float32)), xp.asarray(typ), state=xp.asarray(np.ones(3, np.uint8)))
+    u = np.zeros((4, 3), np.float32)  # would decide everything that has a rate
+    tb = rules.fate_tables(nt, 900.0, imm.table.death_per_min, imm.idx, imm.rates, imm.cd20, imm.car_mask, xp)
+    dead, div = rules.cell_fates(
+        pop, u, 900.0, 10.0, imm.table.death_per_min, imm.idx, imm.rates,
+        np.ones(3, np.float32), np.ones(3, np.float32), 0.0, imm.cd20, imm.car_mask, tables=tb,
+    )  # fmt: skip
+    assert not np.asarray(dead).any() and not np.asarray(div).any()
+    assert np.array_equal(np.asarray(pop.type[:3]), typ) and (np.asarray(pop.state[:3]) == 1).all()
+
+
+@pytest.mark.parametrize("n_sites", [1_000_003])
+def test_extravasate_fill_picks_among_a_million_sites_in_double(dev, n_sites):
+    """With ~1e6 vessel voxels a float32 product u x n_sites picks other voxels than the twin's
+    float64 one: 300 arrivals must land in the twin's voxels, bit for bit."""
+    from tissuesim.agents import extravasate_many
+
+    grid = Grid((101, 100, 100), dx=10.0)
+    sites = np.arange(n_sites, dtype=np.int64)
+    counts = np.array([0, 300], dtype=np.int64)
+    pops = []
+    for be in (NUMPY, dev.be):
+        pop = Population(be, capacity=16)
+        extravasate_many(pop, grid, be.xp.asarray(sites), counts, 9, seed=4)
+        pops.append(pop)
+    a, b = pops
+    assert np.asarray(a.position[: a.n]).tobytes() == np.asarray(b.position[: b.n]).tobytes()
+
+
 def test_launch_skips_empty(dev):
     K.launch(dev.be, "philox_fill", 0, ())  # n == 0: no kernel is even looked up
     assert dev.log == []

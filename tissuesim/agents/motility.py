@@ -620,7 +620,8 @@ def init_velocity(
     Keyed by (seed, id, step 0xffffffff, PURPOSE_MOVE, draw 2), so it never repeats a move draw.
     Starting from the stationary law makes the Fuerth MSD hold from t = 0. ``start`` (instead of
     rows): the rows start .. pop.n - 1, e.g. cells just appended; on CuPy these take one launch
-    of the kernel init_velocity_fill (same draws; Box-Muller's log/cos/sin are the GPU's).
+    of the kernel init_velocity_fill (same draws; Box-Muller's log/cos/sin are the GPU's; a
+    type without motility parameters gets velocity 0 there, where the element-wise form raises).
     """
     xp = pop.xp
     params = _as_params(pop, motility)
@@ -749,6 +750,7 @@ def extravasate_many(pop: Population, grid: Grid, sites, counts, step: int, seed
             extravasate(pop, grid, sites, t, step, seed, n_sites=n_sites, number=int(counts[t]))
         return total
     xp = pop.xp
+    sites = xp.ascontiguousarray(xp.asarray(sites, dtype=np.int64))  # the kernel reads int64
     pos = xp.empty((total, 3), dtype=np.float32)
     typ = xp.empty(total, dtype=np.uint8)
     k0, k1 = rng.seed_key(seed)

@@ -142,7 +142,7 @@ def draw_uniform(ids, step: int, purpose: int, draw_index: int, seed: int, xp=np
 
     ids = xp.ascontiguousarray(xp.asarray(ids, dtype=xp.int64))
     n = int(ids.shape[0])
-    if n >= 2**31:
+    if n > 2**31 - 4096:  # the kernel's int thread index must not overflow in its last block
         return uniform(xp.stack(draw(ids, step, purpose, draw_index, seed, xp=xp)), xp)
     out = xp.empty((4, n), dtype=xp.float32)
     k0, k1 = seed_key(seed)

@@ -231,8 +231,12 @@ class Immunology:
                 dead |= killed
         vox = sim.grid.voxel_index(pop.position[:n], xp=xp)
         f = sim.fields
-        ifng_at = rules.sample_field(f["ifng"], vox) if "ifng" in self.fi else xp.zeros(n)
-        damage_at = rules.sample_field(f["damage"], vox) if "damage" in self.fi else xp.zeros(n)
+        # a missing field reads as zeros of the fields' dtype (float32 zeros keep the GPU's fate
+        # kernel; the zero terms add exactly either way)
+        ifng_at = rules.sample_field(f["ifng"], vox) if "ifng" in self.fi else xp.zeros(n, f.values.dtype)
+        damage_at = (
+            rules.sample_field(f["damage"], vox) if "damage" in self.fi else xp.zeros(n, f.values.dtype)
+        )
         rtx = self.blood.y["rtx"]
         b = self.bio.blood
         rtx_h = (
