@@ -504,6 +504,11 @@ def test_philox_uniform_fill_matches_twin(dev, monkeypatch):
         assert got.shape == (4, ids.size) and got.dtype == np.float32
         assert np.asarray(got).tobytes() == want.tobytes()
     assert len(_launched(dev, "philox_uniform_fill")) == 2
+    # rng.draw's device path (philox_fill through the same launcher) gives draw's words
+    words = rng.draw(dev.xp.asarray(ids), 77, 64, 1, 0xDEADBEEF12345, xp=dev.xp)
+    for got_w, want_w in zip(words, rng.draw(ids, 77, 64, 1, 0xDEADBEEF12345)):
+        assert np.array_equal(np.asarray(got_w), want_w)
+    assert len(_launched(dev, "philox_fill")) == 1
 
 
 def test_box_muller_fill_matches_twin(dev):

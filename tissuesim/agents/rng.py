@@ -100,55 +100,17 @@ def draw_elementwise(ids, step: int, purpose: int, draw_index: int, seed: int, x
     return philox4x32_10(lo, hi, c2, c3, k0, k1, xp=xp)
 
 
-def _draw_kernel(ids, step: int, purpose: int, draw_index: int, seed: int, xp):
-    """CuPy: :func:`draw` by the kernel philox_fill of kernels/agents.cu (one launch; the same bits
-    as draw_elementwise, checked in tests/agents/test_philox.py). Returns four strided views
-    of one (n, 4) uint32 array."""
+def _launch_philox(kernel: str, ids, step: int, purpose: int, draw_index: int, seed: int, out) -> None:
+    """Launch philox_fill or philox_uniform_fill (kernels/agents.cu): one thread per id of the
+    contiguous int64 ``ids``, the Philox block (id, step, purpose, draw_index) under ``seed``."""
     from tissuesim.agents import _kernels as K
     from tissuesim.fields._device import backend_of
 
-    be = backend_of(ids)
     n = int(ids.shape[0])
-    out = xp.empty((n, 4), dtype=xp.uint32)
-    k0, k1 = seed_key(seed)
-    K.launch(
-        be,
-        "philox_fill",
-        n,
-        (
-            xp.ascontiguousarray(ids),
-            np.int32(n),
-            np.uint32(int(step) & _MASK32),
-            np.uint32(int(purpose) & 0xFFFF),
-            np.uint32(int(draw_index) & 0xFFFF),
-            np.uint32(k0),
-            np.uint32(k1),
-            out,
-        ),
-    )
-    return out[:, 0], out[:, 1], out[:, 2], out[:, 3]
-
-
-def draw_uniform(ids, step: int, purpose: int, draw_index: int, seed: int, xp=np):
-    """float32 (4, n): :func:`uniform` of the four words of :func:`draw`, one row per word.
-
-    On CuPy one launch of the kernel philox_uniform_fill (the Philox block and the four
-    uniforms; draw and four uniform() calls are some 20 small launches), bit for bit the same
-    floats."""
-    if xp is np or np.ndim(ids) != 1:
-        return uniform(xp.stack(draw(ids, step, purpose, draw_index, seed, xp=xp)), xp)
-    from tissuesim.agents import _kernels as K
-    from tissuesim.fields._device import backend_of
-
-    ids = xp.ascontiguousarray(xp.asarray(ids, dtype=xp.int64))
-    n = int(ids.shape[0])
-    if n > 2**31 - 4096:  # the kernel's int thread index must not overflow in its last block
-        return uniform(xp.stack(draw(ids, step, purpose, draw_index, seed, xp=xp)), xp)
-    out = xp.empty((4, n), dtype=xp.float32)
     k0, k1 = seed_key(seed)
     K.launch(
         backend_of(ids),
-        "philox_uniform_fill",
+        kernel,
         n,
         (
             ids,
@@ -161,6 +123,31 @@ def draw_uniform(ids, step: int, purpose: int, draw_index: int, seed: int, xp=np
             out,
         ),
     )
+
+
+def _draw_kernel(ids, step: int, purpose: int, draw_index: int, seed: int, xp):
+    """CuPy: :func:`draw` by the kernel philox_fill of kernels/agents.cu (one launch; the same bits
+    as draw_elementwise, checked in tests/agents/test_philox.py). Returns four strided views
+    of one (n, 4) uint32 array."""
+    out = xp.empty((int(ids.shape[0]), 4), dtype=xp.uint32)
+    _launch_philox("philox_fill", xp.ascontiguousarray(ids), step, purpose, draw_index, seed, out)
+    return out[:, 0], out[:, 1], out[:, 2], out[:, 3]
+
+
+def draw_uniform(ids, step: int, purpose: int, draw_index: int, seed: int, xp=np):
+    """float32 (4, n): :func:`uniform` of the four words of :func:`draw`, one row per word.
+
+    On CuPy one launch of the kernel philox_uniform_fill (the Philox block and the four
+    uniforms; draw and four uniform() calls are some 20 small launches), bit for bit the same
+    floats."""
+    if xp is np or np.ndim(ids) != 1:
+        return uniform(xp.stack(draw(ids, step, purpose, draw_index, seed, xp=xp)), xp)
+    ids = xp.ascontiguousarray(xp.asarray(ids, dtype=xp.int64))
+    n = int(ids.shape[0])
+    if n > 2**31 - 4096:  # the kernel's int thread index must not overflow in its last block
+        return uniform(xp.stack(draw(ids, step, purpose, draw_index, seed, xp=xp)), xp)
+    out = xp.empty((4, n), dtype=xp.float32)
+    _launch_philox("philox_uniform_fill", ids, step, purpose, draw_index, seed, out)
     return out
 
 
