@@ -321,14 +321,10 @@ class Simulation:
         """Host copies of the fields {name: (nz, ny, nx)} and cells {attr: (n, ...)}."""
         vals = self.backend.asnumpy(self.fields.values)
         fields = {n: vals[i] for i, n in enumerate(self.fields.names)}
-        cells = self.cells.host_arrays()
-        agents = {
-            "position": cells["position"],
-            "type": cells["type"],
-            "id": cells["id"],
-            "state": cells["state"],
-            "age_min": cells["age"],
-        }
+        from tissuesim.io.staging import AGENT_ATTRS
+
+        n = self.cells.n
+        agents = {out: self.backend.asnumpy(self.cells[attr][:n]).copy() for out, attr in AGENT_ATTRS.items()}
         return fields, agents
 
     def write_snapshot(self, writer) -> None:

@@ -426,7 +426,7 @@ class Immunology:
 
         Works in place: the per-voxel counts go into a kept int32 buffer (3 nvox + 1) by
         scatter-add and every field-sized product is written with ``out=`` into the source array
-        or one kept float32 field (self._work), so the step allocates nothing of grid size here.
+        or two kept fields (self._work, self._work2), so the step allocates nothing of grid size here.
         The floats are those of the plain expressions (float32 count x float32 rate, the same
         operand order)."""
         sim = self.sim
@@ -445,6 +445,7 @@ class Immunology:
         if counts is None:
             counts = self._counts = xp.zeros(3 * nvox + 1, dtype=np.int32)
             self._work = xp.empty(nvox, dtype=f.values.dtype)
+            self._work2 = xp.empty(nvox, dtype=f.values.dtype)
         else:
             counts[...] = 0
         if self._source_cat is not None:
@@ -499,8 +500,6 @@ class Immunology:
             if "ifng" in fi:
                 g = f["ifng"].reshape(-1)
                 r = self._work2
-                if r is None:
-                    r = self._work2 = xp.empty_like(w)
                 xp.multiply(g, f32(bio.cxcl10_nM_per_min), out=w)
                 xp.add(g, f32(bio.cxcl10_ifng_kd_nM), out=r)
                 w /= r

@@ -562,7 +562,7 @@ def react_numpy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
     u e^{-z} + (b h) phi1), one block of REACT_BLOCK voxels at a time through two kept float64
     work blocks. Without uptake (lam None) and budget (U None), as in runs, nothing of grid size
     is allocated: the exponentials of the fixed rate are cached across steps (see
-    _react_coefficients); uptake makes them per step, the budget allocates its terms.
+    _react_coefficients_cached); uptake makes them per step, the budget allocates its terms.
     """
     for name, a in (("u", u), ("U", U)):
         if a is not None and not a.flags.c_contiguous:  # written through flat views below
@@ -578,12 +578,12 @@ def react_numpy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
         r = None if vrf is None else vrf[0 if vr.ndim == 3 else s]
         cbs = float(cb[s]) if (cb is not None and r is not None) else None
         if lam is None:
-            e, p1, p2 = _react_coefficients_cached(s, float(k[s]), vr, r, h, U is not None, nvox)
+            e, p1, p2 = _react_coefficients_cached(s, float(k[s]), vr, r, h, U is not None)
         else:
             a = float(k[s]) + lam[s].reshape(nvox).astype(np.float64)
             if r is not None:
                 a += r
-            e, p1, p2 = _react_coefficients(a, h, U is not None, None)
+            e, p1, p2 = _react_coefficients(a, h, U is not None)
         has_b = srcf is not None or cbs is not None
         for v0 in range(0, nvox, blk):
             v1 = min(v0 + blk, nvox)
@@ -617,47 +617,31 @@ def _part(c, sl):
     return c[sl] if isinstance(c, np.ndarray) and c.ndim else c
 
 
-def _react_coefficients_cached(s, k, vr, r, h, want_p2, nvox):
-    """_react_coefficients for a = k + r (no uptake), from the cache when this rate was seen."""
-    hit = _react_lookup((s, k, vr), h, want_p2)
-    if hit is not None:
-        return hit
-    a = k if r is None else k + r.astype(np.float64)
-    return _react_coefficients(a, h, want_p2, (s, k, vr))
-
-
 _REACT_CACHE: dict = {}
 
 
-def _react_coefficients(a, h, want_p2: bool, key):
-    """(e^{-ah}, phi1(ah), phi2(ah) or None), float64.
+def _react_coefficients_cached(s, k, vr, r, h, want_p2):
+    """_react_coefficients for a = k + r without uptake, cached across steps.
 
-    Without uptake the rate a = k + vessel_rate is the same every step, so the exponentials are
-    cached (key: slot, k, the vessel-rate array object checked through a weak reference, h);
-    uptake changes a each step and is computed.
+    That rate is the same every step, so its exponentials are kept, keyed by slot, k, h and the
+    vessel-rate array object (checked through a weak reference, so a new array that reuses a
+    freed one's id never matches); the rate itself is only formed on a miss.
     """
-    if key is not None:
-        hit = _react_lookup(key, h, want_p2)
-        if hit is not None:
-            return hit
-        s, k, vr = key
-        ck = (s, k, id(vr), float(h), want_p2)
-    z = a * h
-    out = (np.exp(-z), phi1(z), phi2(z) if want_p2 else None)
-    if key is not None:
-        if len(_REACT_CACHE) >= 64:
-            _REACT_CACHE.pop(next(iter(_REACT_CACHE)))
-        _REACT_CACHE[ck] = (None if vr is None else weakref.ref(vr), out)
+    ck = (s, k, id(vr), float(h), want_p2)
+    hit = _REACT_CACHE.get(ck)
+    if hit is not None and (hit[0] is None if vr is None else hit[0]() is vr):
+        return hit[1]
+    out = _react_coefficients(k if r is None else k + r.astype(np.float64), h, want_p2)
+    if len(_REACT_CACHE) >= 64:
+        _REACT_CACHE.pop(next(iter(_REACT_CACHE)))
+    _REACT_CACHE[ck] = (None if vr is None else weakref.ref(vr), out)
     return out
 
 
-def _react_lookup(key, h, want_p2: bool):
-    """The cached (e, phi1, phi2) of key = (slot, k, vessel-rate array or None) at step h, or None."""
-    s, k, vr = key
-    hit = _REACT_CACHE.get((s, k, id(vr), float(h), want_p2))
-    if hit is not None and (hit[0] is None if vr is None else hit[0]() is vr):
-        return hit[1]
-    return None
+def _react_coefficients(a, h, want_p2: bool):
+    """(e^{-ah}, phi1(ah), phi2(ah) or None), float64, for the rate a (1/min) over h (min)."""
+    z = a * h
+    return np.exp(-z), phi1(z), phi2(z) if want_p2 else None
 
 
 def react_cupy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
