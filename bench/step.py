@@ -34,7 +34,8 @@ import tissuesim
 from tissuesim.backend import select_backend
 
 # Phases of Simulation.step: name -> (owner, method). "arrivals" is Immunology.before_move less
-# the blood ODE inside it; "biology" is after_move (contacts, kills, fates, exits, field
+# the blood ODE inside it (on the GPU "blood" is DeviceBlood.advance, which takes up the result
+# the blood kernel left at the end of the previous step: the kernel itself runs in "biology"); "biology" is after_move (contacts, kills, fates, exits, field
 # sources); "rest" is what the step spends outside the listed phases. Output (timeseries rows,
 # snapshot copies) happens between steps and is timed per call, then spread over the steps of
 # the default intervals.
@@ -85,12 +86,20 @@ def build(case: str, backend: str, extra=()):
     return sim
 
 
-def _wrap(sim, name, totals, sync):
+def phase_target(sim, name):
+    """(object, method name) of a phase in this simulation (None where it has none)."""
     owner, attr = PHASES[name]
+    if name == "blood" and getattr(sim.immunology, "blood_on_device", False):
+        return sim.immunology.device_blood(), attr
     obj = sim if owner == "sim" else getattr(sim, owner, None)
-    fn = getattr(obj, attr, None) if obj is not None else None
-    if fn is None:
+    return (obj, attr) if obj is not None and getattr(obj, attr, None) is not None else (None, attr)
+
+
+def _wrap(sim, name, totals, sync):
+    obj, attr = phase_target(sim, name)
+    if obj is None:
         return False
+    fn = getattr(obj, attr)
 
     def timed(*a, **k):
         sync()

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step import PHASES, build
+from step import PHASES, build, phase_target
 
 import tissuesim
 
@@ -109,8 +109,8 @@ class Census:
 
 
 def _phase_tagger(sim, census: Census):
-    for name, (owner, attr) in PHASES.items():
-        obj = sim if owner == "sim" else getattr(sim, owner, None)
+    for name in PHASES:
+        obj, attr = phase_target(sim, name)
         fn = getattr(obj, attr, None) if obj is not None else None
         if fn is None:
             continue
@@ -184,21 +184,30 @@ def capture_phases(case: str, warm_days: float) -> dict:
     sim.run(until_day=warm_days)
     # the plain field step: is it sync-free? (its CUDA graph cannot be launched into a capture)
     sim.fields.use_graph = False
+    # on the GPU the blood phase takes up the advance the last step left; before_move
+    # (arrivals) takes it up again in a real step, so it gets it back before its capture
+    imm = sim.immunology
+    db = imm.device_blood() if imm.blood_on_device else None
+    pending = db.pending if db is not None else None
     out = {}
-    for name, (owner, attr) in PHASES.items():
-        obj = sim if owner == "sim" else getattr(sim, owner, None)
+    for name in PHASES:
+        obj, attr = phase_target(sim, name)
         fn = getattr(obj, attr, None) if obj is not None else None
         if fn is None:
             continue
+        on_device = name == "blood" and sim.immunology.blood_on_device
         args = {
             "events": (),
-            "blood": (sim.dt_min,),
+            # DeviceBlood.advance takes up the result left by the last step (no device work)
+            "blood": (sim.step_count, sim.dt_min) if on_device else (sim.dt_min,),
             "arrivals": (sim.step_count, sim.dt_min),
             "agents": (),
             "biology": (sim.step_count, sim.dt_min),
             "fields": (sim.dt_min,),
         }[name]
         kw = {"source": sim.immunology.source, "c_blood": sim.c_blood} if name == "fields" else {}
+        if db is not None and name == "arrivals":
+            db.pending = pending
         s = cupy.cuda.Stream(non_blocking=True)
         res = {"captured": False}
         with s:

@@ -6,9 +6,15 @@ the same suite is the CPU check in CI and the GPU check on a GPU machine.
 
 from __future__ import annotations
 
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from tissuesim import backend as bk
 from tissuesim.backend import NUMPY, cupy_status, select_backend
 
 _CUPY_OK, _CUPY_WHY = cupy_status()
@@ -19,6 +25,36 @@ def gpu_available() -> bool:
 
 
 requires_gpu = pytest.mark.skipif(not _CUPY_OK, reason=f"no GPU: {_CUPY_WHY}")
+
+
+@pytest.fixture(scope="session")
+def build_host_kernels():
+    """build_host_kernels(tmp_path_factory, name, shim, no_fma=True) -> ctypes.CDLL (see
+    _build_host_kernels)."""
+    return _build_host_kernels
+
+
+def _build_host_kernels(tmp_path_factory, name: str, shim: Path, no_fma: bool = True):
+    """The CUDA sources that ``shim`` (a .cpp in tests/) includes, built for the host with g++
+    into lib<name>.so and loaded (ctypes.CDLL); skips the test where g++ is missing.
+
+    The shim supplies the CUDA built-ins (tests/fields/cuda_host_shim.cpp); no_fma adds
+    -ffp-contract=off, as NVRTC's --fmad=false, so float arithmetic rounds as NumPy's does.
+    """
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not found: no host emulation of the CUDA kernels")
+    out = tmp_path_factory.mktemp(f"emu_{name}") / f"lib{name}.so"
+    flags = ["-std=c++20", "-O1", *(["-ffp-contract=off"] if no_fma else []), "-shared", "-fPIC"]
+    inc = [f"-I{bk.kernel_dir()}", f"-I{Path(__file__).resolve().parent / 'fields'}"]
+    res = subprocess.run(
+        [cxx, *flags, *inc, str(shim), "-o", str(out), "-pthread"], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    lib = ctypes.CDLL(str(out))
+    lib.emu_set_1d.argtypes = [ctypes.c_uint] * 6
+    lib.emu_set_1d.restype = None
+    return lib
 
 
 def nvrtc_available() -> bool:

@@ -5,8 +5,9 @@ therapy events -> blood ODE and arrivals from blood -> cells sense fields and mo
 (kill, engage) -> deaths, divisions, differentiation -> exits into blood -> secretion sources ->
 fields react and diffuse -> clock (tissuesim.biology.immunology holds the biology).
 On the GPU a step reads device memory once: the cell count after deaths and births, with the
-exits per type (Population.remove_and_divide); the blood ODE and the arrivals run on the host
-from host state. Readouts, flags and snapshots are copied to the host only at output intervals
+exits per type and the blood compartment (Population.remove_and_divide). The blood ODE runs as a
+kernel just before that read (exits into blood, then the next step's advance; see
+biology/blood_device.py), and the next step's arrivals are drawn on the host from what it read. Readouts, flags and snapshots are copied to the host only at output intervals
 (timeseries rows and snapshots), which are whole numbers of steps.
 
 Usable from Python without Hydra::
@@ -211,7 +212,10 @@ class Simulation:
         self._move_cells()
         imm.after_move(self.step_count, self.dt_min)
         self._crs_max_since_row = max(self._crs_max_since_row, self.blood.step_grade)
-        self.c_blood = self.xp.asarray(imm.c_blood(self.fields.names, self.fields.values.dtype))
+        if imm.blood_on_device:  # written by this step's blood kernel: no host-to-device copy
+            self.c_blood[...] = imm.c_blood_device()
+        else:
+            self.c_blood = self.xp.asarray(imm.c_blood(self.fields.names, self.fields.values.dtype))
         self.fields.step(self.dt_min, source=imm.source, c_blood=self.c_blood)
         self.step_count += 1
 

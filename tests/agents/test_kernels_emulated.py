@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import re
-import shutil
-import subprocess
 import types
 from pathlib import Path
 
@@ -153,32 +151,9 @@ class _EmulatedKernel:
 
 
 @pytest.fixture(scope="module")
-def emu_lib(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found: no host emulation of the CUDA kernels")
-    out = tmp_path_factory.mktemp("emu_agents") / "libemu_agents.so"
-    here = Path(__file__).resolve().parent
-    cmd = [
-        cxx,
-        "-std=c++20",
-        "-O1",
-        "-ffp-contract=off",  # as NVRTC's --fmad=false: no fused multiply-adds
-        "-shared",
-        "-fPIC",
-        f"-I{bk.kernel_dir()}",
-        f"-I{here.parent / 'fields'}",  # the shared CUDA built-ins (cuda_host_shim.cpp)
-        str(here / "cuda_host_shim_agents.cpp"),
-        "-o",
-        str(out),
-        "-pthread",
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    lib = ctypes.CDLL(str(out))
-    lib.emu_set_1d.argtypes = [ctypes.c_uint] * 6
-    lib.emu_set_1d.restype = None
-    return lib
+def emu_lib(tmp_path_factory, build_host_kernels):
+    shim = Path(__file__).resolve().parent / "cuda_host_shim_agents.cpp"
+    return build_host_kernels(tmp_path_factory, "emu_agents", shim)
 
 
 @pytest.fixture(params=["forward", "reverse", "shuffle"])

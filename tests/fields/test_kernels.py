@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import re
-import shutil
-import subprocess
 import types
 from pathlib import Path
 
@@ -133,29 +131,11 @@ class _EmulatedKernel:
 
 
 @pytest.fixture(scope="module")
-def emu_lib(tmp_path_factory):
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found: no host emulation of the CUDA kernels")
-    out = tmp_path_factory.mktemp("emu") / "libemu.so"
-    shim = Path(__file__).with_name("cuda_host_shim.cpp")
-    cmd = [
-        cxx,
-        "-std=c++20",
-        "-O1",
-        "-shared",
-        "-fPIC",
-        f"-I{bk.kernel_dir()}",
-        str(shim),
-        "-o",
-        str(out),
-        "-pthread",
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    lib = ctypes.CDLL(str(out))
-    lib.emu_set_1d.argtypes = [ctypes.c_uint] * 6
-    return lib
+def emu_lib(tmp_path_factory, build_host_kernels):
+    # built as before this helper existed: without -ffp-contract=off (tolerances allow for it)
+    return build_host_kernels(
+        tmp_path_factory, "emu", Path(__file__).with_name("cuda_host_shim.cpp"), no_fma=False
+    )
 
 
 @pytest.fixture(params=["gpu", "emulated"])

@@ -61,8 +61,11 @@ CAR-T curve (0.78 d doubling, effector t1/2 4.3 d, memory fraction 0.8 %, memory
 Integration: classical RK4 over each step (dt = 1 min is ~1e-3 of the fastest rate, IL-6 at
 ~17/d, so the error is far below any biological uncertainty).
 
-Why on the host: the tissue draws its arrival counts on the host (rng.poisson_host) from these
-concentrations, so keeping ~15 scalars on the host avoids a device read per step.
+Where it runs: this class is the host side and the reference. On NumPy, advance() runs at the
+start of each step. On CuPy the same step runs as kernels/blood.cu at the end of the previous
+step, just before the step's one device read, which brings the advanced state back with the cell
+count; this object then mirrors it (biology/blood_device.py). Either way the arrival counts are
+drawn on the host from these concentrations.
 """
 
 from __future__ import annotations
@@ -283,6 +286,23 @@ class Blood:
     def exchange(self, name: str, delta_cells_per_ul: float) -> None:
         """Cells moved between blood and the patch (positive: into blood), in cells/uL."""
         self.y[name] = max(0.0, self.y[name] + delta_cells_per_ul)
+
+    def move(self, cell_type: str, d: float) -> None:
+        """``d`` cells/uL of patch cell type ``cell_type`` moved into blood (negative: out of it).
+
+        B cells split between the naive and autoreactive pools in proportion (into an empty B
+        pool they go to the naive one); a CAR product's cells go to its effectors; other types
+        have no blood pool. kernels/blood.cu does the same, in this order."""
+        if cell_type == "b_cell":
+            tot = self.b_cell_per_ul()
+            if tot > 0:
+                fa = self.y["b_auto"] / tot
+                self.exchange("b_auto", d * fa)
+                self.exchange("b_naive", d * (1 - fa))
+            elif d > 0:
+                self.exchange("b_naive", d)
+        elif cell_type in self.products:
+            self.exchange(f"E_{cell_type}", d)
 
     # ------------------------------------------------------------------ dynamics
     def rhs(self, y: dict) -> dict:

@@ -128,6 +128,13 @@ class Immunology:
         #: step then reads the device once (the new cell count and the exits per type). NumPy
         #: takes the compact forms (fewer operations); both give the same cells, bit for bit.
         self.device_paths = bool(sim.backend.is_gpu)
+        #: the blood ODE as kernels/blood.cu at the end of each step (biology/blood_device.py), its
+        #: result read with the step's one device read; on NumPy Blood.advance runs at the start
+        #: of the step. Tests set it on NumPy to run the same bookkeeping through the kernel's twin.
+        self.blood_on_device = bool(sim.backend.is_gpu)
+        self._dblood = None
+        #: steps whose blood advance needed a read of its own (events, restores; GPU diagnostics)
+        self.blood_extra_reads = 0
         self._ones_buf = None
         self._counts = self._work = self._work2 = None  # kept buffers of _sources
         self._can_kill_d = xp.asarray(self.table.can_kill)
@@ -174,6 +181,27 @@ class Immunology:
             return self.bio.monocyte_per_ul
         return 0.0
 
+    def device_blood(self):
+        """The blood step of kernels/blood.cu for this run (made on first use)."""
+        if self._dblood is None:
+            from tissuesim.biology.blood_device import DeviceBlood
+
+            f = self.sim.fields
+            self._dblood = DeviceBlood(
+                self.blood,
+                self.table.cell_types,
+                self.per_ul_per_cell,
+                f.names,
+                f.values.dtype,
+                self.sim.backend,
+            )
+        return self._dblood
+
+    def c_blood_device(self):
+        """Blood concentrations for the vessel exchange (n_fields,) float64 on the backend, as
+        written by this step's blood kernel (the state after the exits)."""
+        return self.device_blood().cb[: len(self.sim.fields.names)]
+
     def inflammation_factor(self) -> float:
         il6 = self.blood.y["il6"]
         return 1.0 + self.bio.inflammation_gain * il6 / (il6 + self.bio.inflammation_il6_kd_pg_per_ml)
@@ -182,24 +210,17 @@ class Immunology:
         """``cells`` patch cells moved into blood (negative: out of blood into the patch)."""
         if cells == 0:
             return
-        d = cells * self.per_ul_per_cell
-        b = self.blood
-        if cell_type == "b_cell":
-            tot = b.b_cell_per_ul()
-            if tot > 0:
-                fa = b.y["b_auto"] / tot
-                b.exchange("b_auto", d * fa)
-                b.exchange("b_naive", d * (1 - fa))
-            elif d > 0:
-                b.exchange("b_naive", d)
-        elif cell_type in b.products:
-            b.exchange(f"E_{cell_type}", d)
+        self.blood.move(cell_type, cells * self.per_ul_per_cell)
 
     # ------------------------------------------------------------------ step parts
     def before_move(self, step: int, dt_min: float) -> list[str]:
         """Blood ODE, then arrivals from blood. Returns blood events (CRS management)."""
         sim = self.sim
-        events = self.blood.advance(dt_min)
+        if self.blood_on_device:
+            events, read = self.device_blood().advance(step, dt_min)
+            self.blood_extra_reads += read
+        else:
+            events = self.blood.advance(dt_min)
         pop = sim.cells
         infl = self.inflammation_factor()
         n0 = pop.n
@@ -287,9 +308,9 @@ class Immunology:
         alive = ~dead
         self._sources(vox, engaged & alive, alive, t)
         if not self.device_paths:
-            self._births_and_exits_host(pop, dead, leave, divide, t)
+            self._births_and_exits_host(pop, dead, leave, divide, t, step, dt_min)
         else:
-            self._births_and_exits_device(pop, dead, leave, divide, t)
+            self._births_and_exits_device(pop, dead, leave, divide, t, step, dt_min)
 
     def _contact_kills(self, pop, n: int, now: float, step: int):
         """Contacts and kills of this step: bool (n,) targets killed, or None (no search)."""
@@ -323,7 +344,7 @@ class Immunology:
     #: what a daughter takes from its parent (position, type, state, and its kill history)
     INHERIT = ("position", "type", "state", "kills", "last_kill")
 
-    def _births_and_exits_host(self, pop, dead, leave, divide, t) -> None:
+    def _births_and_exits_host(self, pop, dead, leave, divide, t, step: int, dt_min: float) -> None:
         sim = self.sim
         xp = self.xp
         if xp is np:
@@ -337,7 +358,12 @@ class Immunology:
         gone = dead | leave
         if gone.any():
             pop.remove(gone)
-        if left is not None:
+        if self.blood_on_device:  # the exits go into the blood step (the twin on NumPy)
+            db = self.device_blood()
+            zero = np.zeros(self.ntypes, dtype=np.int64)
+            out = db.launch(dt_min, zero if left is None else left)
+            db.finish(sim.backend.asnumpy(out), step + 1, dt_min)
+        elif left is not None:
             for ti in np.flatnonzero(left):
                 self._move_blood(self.table.cell_types[ti], int(left[ti]))
         if parents.shape[0]:
@@ -345,14 +371,24 @@ class Immunology:
             pop.add(d["position"], d["type"], state=d["state"], kills=d["kills"], last_kill=d["last_kill"])
             init_velocity(pop, sim.motility, sim.grid.ndim, sim.seed, start=n0)
 
-    def _births_and_exits_device(self, pop, dead, leave, divide, t) -> None:
+    def _births_and_exits_device(self, pop, dead, leave, divide, t, step: int, dt_min: float) -> None:
         """The same as _births_and_exits_host with one device read (Population.remove_and_divide)."""
         sim = self.sim
         # exits per type without a host read: a (ntypes, n) one-hot sum (ntypes is small)
         left = ((t[None, :] == self._type_range_d[:, None]) & leave[None, :]).sum(axis=1)
-        _removed, born, left = pop.remove_and_divide(dead | leave, divide, self.INHERIT, extra=left)
-        for ti in np.flatnonzero(left):
-            self._move_blood(self.table.cell_types[ti], int(left[ti]))
+        if self.blood_on_device:
+            # the blood step (exits, then the next step's advance) goes just before the read,
+            # and its results come back with it
+            db = self.device_blood()
+            out = db.launch(dt_min, left)
+            nt = self.ntypes
+            extra = self.xp.concatenate((left, out.view(self.xp.int64)))
+            _removed, born, got = pop.remove_and_divide(dead | leave, divide, self.INHERIT, extra=extra)
+            db.finish(np.ascontiguousarray(got[nt:]).view(np.float64), step + 1, dt_min)
+        else:
+            _removed, born, left = pop.remove_and_divide(dead | leave, divide, self.INHERIT, extra=left)
+            for ti in np.flatnonzero(left):
+                self._move_blood(self.table.cell_types[ti], int(left[ti]))
         if born:
             init_velocity(pop, sim.motility, sim.grid.ndim, sim.seed, start=pop.n - born)
 

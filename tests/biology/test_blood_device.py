@@ -1,0 +1,434 @@
+"""The blood compartment's device step: kernels/blood.cu and its bookkeeping (blood_device.py).
+
+Three checks, none needing a GPU:
+
+- The bookkeeping: a NumPy run with ``Immunology.blood_on_device`` (the kernel's twin, run_host,
+  at the end of each step; the advanced state adopted at the next step unless the host changed
+  the blood in between) ends bit for bit where the plain NumPy run ends, through infusions given
+  mid-run, CRS management, and a restored checkpoint; and it reads "the device" for the blood
+  only where it must (the first step, a step after an infusion, after a restore).
+- The systemic model alone over the seed patient's course (relapse, the relapse-triggered
+  BCMA dose, CRS management), driven through DeviceBlood with random exits, against Blood driven
+  as the host path drives it: the same states every step, bit for bit.
+- The kernel itself, built for the host with g++ (-ffp-contract=off, as NVRTC's --fmad=false),
+  against run_host on states from that course and on edge cases: bit for bit (the same libm).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tissuesim
+from tissuesim import backend as bk
+from tissuesim.backend import NUMPY
+from tissuesim.biology.blood import Blood
+from tissuesim.biology.blood_device import META, OUT_META, DeviceBlood, run_host
+from tissuesim.biology.immunology import Immunology, plain
+from tissuesim.biology.therapy import Event, TherapySchedule
+from tissuesim.io import checkpoint
+
+CFG = [
+    "grid=tiny",
+    "backend=numpy",
+    "output.progress=false",
+    "therapy=cd19_then_bcma",
+    "therapy.infusions.1.trigger=day",
+    "therapy.infusions.1.day=0.5",  # an infusion mid-run: the host changes the blood between steps
+    "therapy.crs_management=tocilizumab_steroids",
+    # grade 2 at IL-6 30 pg/mL, reached on day ~0.75 of this dose: management given mid-run
+    "biology.blood.crs_il6_thresholds_pg_per_ml=[10.0,30.0,60.0,1000.0]",
+    "seed=4",
+]
+
+
+def _sim(device: bool, cfg=CFG, device_paths: bool = False):
+    sim = tissuesim.Simulation(tissuesim.load_config(cfg))
+    sim.immunology.blood_on_device = device
+    sim.immunology.device_paths = device_paths
+    return sim
+
+
+def _assert_same(a, b) -> None:
+    assert (a.step_count, a.cells.n, a.cells.next_id) == (b.step_count, b.cells.n, b.cells.next_id)
+    for name in a.cells.names:
+        assert a.cells.view(name).tobytes() == b.cells.view(name).tobytes(), name
+    assert a.fields.values.tobytes() == b.fields.values.tobytes()
+    assert a.blood.y == b.blood.y
+    assert a.blood.meta_dict() == b.blood.meta_dict()
+    assert a.blood.step_grade == b.blood.step_grade
+    assert [(e.day, e.what) for e in a.event_log] == [(e.day, e.what) for e in b.event_log]
+
+
+@pytest.mark.parametrize("device_paths", [False, True], ids=["host-paths", "device-paths"])
+def test_numpy_run_through_the_blood_step_is_bitwise_the_host_run(device_paths):
+    """device_paths: the GPU's formulation of the step on NumPy, where the blood step's result
+    comes back inside Population.remove_and_divide's one read (concatenated to the exits)."""
+    a, b = _sim(False), _sim(True, device_paths=device_paths)
+    a.run(until_day=1.25)
+    b.run(until_day=1.25)
+    _assert_same(a, b)
+    assert a._ts_rows == b._ts_rows  # rows read the end-of-step state, not the advanced one
+    what = [e.what for e in a.event_log]
+    assert "infuse_bcma_car_t" in what and "tocilizumab" in what and "steroids" in what
+    # the pending advance was used on every other step: one read for the first step, one for
+    # the step after the BCMA infusion (CRS management comes out of the kernel itself)
+    assert b.immunology.blood_extra_reads == 2
+    # cells left the patch into blood, so the exits went through the blood step
+    assert a.immunology.blood.y["E_cd19_car_t"] > 0
+
+
+def test_restored_checkpoint_continues_bitwise():
+    ref = _sim(True)
+    ref.run(until_day=0.6)
+    arrays, meta = checkpoint.capture(ref)
+    ref.run(until_day=1.0)
+    c = _sim(True)
+    checkpoint.restore(c, arrays, meta)
+    c.run(until_day=1.0)
+    _assert_same(ref, c)
+    assert c.immunology.blood_extra_reads == 1  # the first step after the restore
+
+
+def _cfg_course():
+    return tissuesim.load_config(
+        [
+            "+experiment=antisynthetase_case",
+            "therapy.crs_management=tocilizumab_steroids",
+            "biology.blood.crs_il6_thresholds_pg_per_ml=[5.0,10.0,20.0,1000.0]",
+        ]
+    )
+
+
+def _course(dt_min: float, days: float, seed: int = 0, collect=None):
+    """The seed case's systemic course twice: Blood as the host path drives it (advance, exits by
+    Immunology._move_blood) and DeviceBlood on NumPy (pending advance, exits in the blood step),
+    with the same random exits. Returns (host Blood, device-driven Blood, reads, event logs)."""
+    cfg = _cfg_course()
+    bio, therapy = plain(cfg.biology), plain(cfg.therapy)
+    products = {p: str(c.target) for p, c in bio.car_products.items()}
+    types_ = ["b_cell", "plasmablast", "cd19_car_t", "macrophage", "bcma_car_t", "anti_car_t"]
+    per = 3.7e-6
+    host = Blood(bio.blood, products, therapy)
+    dev = Blood(bio.blood, products, therapy)
+    db = DeviceBlood(dev, types_, per, ["ifng", "autoantibody", "il6"], np.float32, NUMPY)
+    mover = types.SimpleNamespace(blood=host, per_ul_per_cell=per)
+    sched = [TherapySchedule(therapy), TherapySchedule(therapy)]
+    logs: list[list] = [[], []]
+    rs = np.random.default_rng(seed)
+    reads = 0
+    n = round(days * 1440.0 / dt_min)
+    for k in range(n):
+        for i, b in enumerate((host, dev)):
+            for ev in sched[i].due((k + 1) * dt_min / 1440.0):
+                sched[i].apply(ev, b)
+                logs[i].append((ev.day, ev.what))
+        for what in host.advance(dt_min):
+            logs[0].append((host.day, what))
+        events, read = db.advance(k, dt_min)
+        reads += read
+        logs[1].extend((dev.day, what) for what in events)
+        for i, b in enumerate((host, dev)):
+            for ev in sched[i].on_relapse(b.day, b.relapse, [Event(d, w, "") for d, w in logs[i]]):
+                sched[i].apply(ev, b)
+                logs[i].append((ev.day, ev.what))
+        assert host.y == dev.y and host.meta_dict() == dev.meta_dict(), k
+        assert host.step_grade == dev.step_grade
+        left = rs.poisson(0.3, len(types_)).astype(np.int64) * (rs.random(len(types_)) < 0.5)
+        for ti in np.flatnonzero(left):
+            Immunology._move_blood(mover, types_[ti], int(left[ti]))
+        if collect is not None:
+            collect.append((db.pack(dev, np.empty_like(db._up_host)), left.copy()))
+        out = db.launch(dt_min, left)
+        db.finish(out.copy(), k + 1, dt_min)
+        assert host.y == dev.y, k  # the exits in the blood step = the host's
+    return host, dev, reads, logs
+
+
+def test_blood_course_through_the_device_step_is_bitwise_the_host_course():
+    host, dev, reads, logs = _course(dt_min=60.0, days=330.0)
+    assert logs[0] == logs[1]
+    what = [w for _, w in logs[0]]
+    # the course went through everything the blood step decides: management, relapse, its dose
+    assert {"tocilizumab", "steroids", "infuse_bcma_car_t"} <= set(what)
+    assert host.relapse and dev.relapse
+    # a read of its own only on step 0 (with the scheduled doses); the relapse-triggered dose is
+    # given after the step's advance, so it travels in the next upload and costs no read
+    assert reads == 1
+
+
+# --------------------------------------------------------------------------- the kernel, emulated
+
+
+@pytest.fixture(scope="module")
+def emu_blood(tmp_path_factory, build_host_kernels):
+    lib = build_host_kernels(
+        tmp_path_factory, "emu_blood", Path(__file__).resolve().parent / "cuda_host_shim_blood.cpp"
+    )
+    lib.blood_step.restype = None
+    return lib
+
+
+GUARD = 16
+
+
+def _guarded(a: np.ndarray):
+    """a copy of ``a`` inside NaN / 0x5A guard elements; returns (buffer, view of the body)."""
+    fill = np.nan if a.dtype.kind == "f" else 0x5A5A5A5A
+    buf = np.full(a.size + 2 * GUARD, fill, dtype=a.dtype)
+    buf[GUARD:-GUARD] = a.reshape(-1)
+    return buf, buf[GUARD:-GUARD]
+
+
+def _kernel(lib, db: DeviceBlood, up, left, dt_min: float, apply_exits: bool):
+    """blood_step on the host: (out, cb) float64, with guards checked and inputs left alone."""
+    n_out = 2 * db.nv + OUT_META
+    arrays = {
+        "up": np.array(up, dtype=np.float64),
+        "left": np.array(left, dtype=np.int64),
+        "prm": db.prm.copy(),
+        "iprm": db.iprm.copy(),
+        "out": np.full(n_out, -7.0),
+        "cb": np.full(len(db.field_names), -7.0),
+    }
+    bufs = {k: _guarded(a) for k, a in arrays.items()}
+    ptr = {k: ctypes.c_void_p(b.ctypes.data + GUARD * b.itemsize) for k, (b, _) in bufs.items()}
+    lib.emu_set_1d(1, 1, 1, 0, 0, 0)
+    lib.blood_step(
+        ptr["up"],
+        ptr["left"],
+        ptr["prm"],
+        ptr["iprm"],
+        ctypes.c_double(dt_min),
+        ctypes.c_int(int(apply_exits)),
+        ctypes.c_int(int(db.cb_f32)),
+        ptr["out"],
+        ptr["cb"],
+    )
+    for k, (b, body) in bufs.items():
+        g = np.concatenate([b[:GUARD], b[-GUARD:]])
+        ok = np.isnan(g).all() if b.dtype.kind == "f" else (g == 0x5A5A5A5A).all()
+        assert ok, f"blood_step wrote outside argument {k}"
+        if k in ("up", "left", "prm", "iprm"):
+            assert body.tobytes() == arrays[k].tobytes(), f"blood_step wrote its input {k}"
+    return bufs["out"][1].copy(), bufs["cb"][1].copy()
+
+
+def _host(db: DeviceBlood, up, left, dt_min: float, apply_exits: bool):
+    out = np.full(2 * db.nv + OUT_META, -7.0)
+    cb = np.full(len(db.field_names), -7.0)
+    run_host(
+        db, np.asarray(up, dtype=np.float64), np.asarray(left, dtype=np.int64), dt_min, apply_exits, out, cb
+    )
+    return out, cb
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """bit for bit, NaN included"""
+    return a.tobytes() == b.tobytes()
+
+
+def test_kernel_is_bitwise_its_twin_over_the_course(emu_blood):
+    samples: list = []
+    _, dev, _, _ = _course(dt_min=60.0, days=330.0, seed=1, collect=samples)
+    types_ = ["b_cell", "plasmablast", "cd19_car_t", "macrophage", "bcma_car_t", "anti_car_t"]
+    db = DeviceBlood(dev, types_, 3.7e-4, ["ifng", "autoantibody", "il6"], np.float32, NUMPY)
+    grades, events, relapsed = set(), 0, 0
+    for k, (up, left) in enumerate(samples):
+        # every step as the run takes it; every 7th also without exits and with another dt
+        for dt, exits in ((60.0, True),) + (((1.0, False),) if k % 7 == 0 else ()):
+            ko, kc = _kernel(emu_blood, db, up, left, dt, exits)
+            ho, hc = _host(db, up, left, dt, exits)
+            assert _same(ko, ho), (k, dt, np.flatnonzero(ko.view(np.int64) != ho.view(np.int64)))
+            assert _same(kc, hc), k
+            if dt == 60.0:
+                grades.add(int(ho[2 * db.nv + 6]))
+                events += int(ho[-1]) != 0
+                relapsed += bool(ho[2 * db.nv + 5]) and not bool(up[db.nv + db.np_ + 5])
+    # the samples cover the decisions: several CRS grades, management given, relapse detected
+    assert len(grades) >= 3 and events >= 1 and relapsed == 1
+
+
+@pytest.mark.parametrize("f32", [True, False])
+def test_kernel_edge_cases(emu_blood, f32):
+    """Empty B pool (exits into it), exits that empty a pool (clamp at 0), the clone's extinction,
+    rituximab present, a fresh product (X mixing is the host's; here X < 1 with E + M = 0),
+    tocilizumab given long ago, NaN / infinite meta, float64 fields."""
+    cfg = _cfg_course()
+    bio, therapy = plain(cfg.biology), plain(cfg.therapy)
+    products = {p: str(c.target) for p, c in bio.car_products.items()}
+    b = Blood(bio.blood, products, therapy)
+    types_ = ["b_cell", "cd19_car_t", "bcma_car_t", "plasma_cell"]
+    db = DeviceBlood(b, types_, 0.01, ["il6", "autoantibody"], np.float32 if f32 else np.float64, NUMPY)
+    rs = np.random.default_rng(3)
+    nv, np_ = db.nv, db.np_
+    cases = []
+    for trial in range(300):
+        y = rs.lognormal(0, 2, nv) * rs.choice([0.0, 1.0], nv, p=[0.2, 0.8])
+        y[[7 + 4 * p + 3 for p in range(np_)]] = rs.random(np_)  # X in 0..1
+        y[[7 + 4 * p + 2 for p in range(np_)]] = rs.random(np_) * 0.9  # R
+        y[1] = rs.choice([0.0, 1e-9, 5.0])  # b_auto: gone, below extinction, present
+        if trial % 3 == 0:
+            y[0] = y[1] = 0.0  # an empty B pool
+        growth = rs.random(np_) * rs.choice([0.0, 1.0], np_)
+        meta = [
+            rs.random() * 400 - 3,
+            rs.choice([math.nan, 0.5, -200.0]),
+            rs.choice([math.nan, 2.0]),
+            float(rs.random() < 0.5),
+            rs.choice([math.inf, 0.3, 1e-3]),
+            float(rs.random() < 0.2),
+            float(rs.random() < 0.8),
+        ]
+        up = np.concatenate([y, growth, meta])
+        assert up.size == nv + np_ + META
+        left = rs.integers(-3000, 300, len(types_)) * (rs.random(len(types_)) < 0.6)
+        cases.append((up, left.astype(np.int64)))
+    clamped = 0
+    for up, left in cases:
+        for dt in (1.0, 30.0):
+            ko, kc = _kernel(emu_blood, db, up, left, dt, True)
+            ho, hc = _host(db, up, left, dt, True)
+            assert _same(ko, ho), (up, left, dt)
+            assert _same(kc, hc)
+        clamped += (ho[:nv] == 0).sum() > (up[:nv] == 0).sum()
+    assert clamped > 20  # exits emptied pools in many cases
+
+
+# --------------------------------------------------------------------------- the CuPy path, emulated
+
+_STREAM = object()
+_PINNED: set[int] = set()  # addresses of the pinned buffers handed out
+
+
+class _DevArray(np.ndarray):
+    """A NumPy array standing in for a cupy.ndarray in DeviceBlood's CuPy path: ``.data`` has
+    copy_from_host_async (checked: the compute stream, the whole array, from the pinned buffer)."""
+
+    @property
+    def data(self):
+        arr = self
+
+        class _Ptr:
+            def copy_from_host_async(self, ptr, nbytes, stream):
+                assert stream is _STREAM, "the upload must go on the current (compute) stream"
+                assert nbytes == arr.nbytes and ptr in _PINNED, "upload from the pinned buffer"
+                ctypes.memmove(arr.ctypes.data, ptr, nbytes)
+
+        return _Ptr()
+
+
+def _blood_signature() -> list[tuple]:
+    """blood_step's parameters from kernels/blood.cu: ("ptr", dtype, const) or ("val", type)."""
+    import re
+
+    src = bk.kernel_source("blood.cu")
+    (params,) = re.findall(r'extern "C" __global__ void blood_step\s*\(([^)]*)\)', src)
+    ptr = {"double": np.float64, "i64": np.int64, "int": np.int32}
+    out = []
+    for p in params.split(","):
+        toks = p.replace("__restrict__", " ").replace("*", " * ").split()
+        base = " ".join(t for t in toks[:-1] if t not in ("const", "*"))
+        out.append(("ptr", np.dtype(ptr[base]), "const" in toks) if "*" in toks else ("val", ptr[base]))
+    return out
+
+
+@pytest.fixture
+def fake_cupy(emu_blood, monkeypatch):
+    """A Backend named cupy whose arrays are _DevArray and whose blood_step is the host build."""
+    import sys
+
+    def dev(a):
+        return np.asarray(a).view(_DevArray)
+
+    xp = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    xp.asarray = lambda a, dtype=None: dev(np.asarray(a, dtype=dtype))
+    xp.empty = lambda *a, **k: dev(np.empty(*a, **k))
+    xp.zeros = lambda *a, **k: dev(np.zeros(*a, **k))
+    xp.ascontiguousarray = lambda a, dtype=None: dev(np.ascontiguousarray(a, dtype=dtype))
+    xp.asnumpy = lambda a: np.array(a)
+    xp.cuda = types.SimpleNamespace(get_current_stream=lambda: _STREAM)
+
+    def empty_pinned(shape, dtype):
+        a = np.empty(shape, dtype)
+        _PINNED.add(a.ctypes.data)
+        return a
+
+    monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace(empty_pinned=empty_pinned))
+    sig = _blood_signature()
+    launches = []
+
+    def kernel(grid, block, args):
+        assert tuple(grid) == (1,) and tuple(block) == (1,)
+        assert len(args) == len(sig)
+        cargs = []
+        for (kind, t, *_), a in zip(sig, args):
+            if kind == "ptr":
+                assert isinstance(a, _DevArray), f"host array {type(a)} passed to the kernel"
+                assert a.dtype == t and a.flags.c_contiguous
+                cargs.append(ctypes.c_void_p(a.ctypes.data))
+            else:
+                assert type(a) is t, f"scalar {a!r} where {t} expected"
+                cargs.append(ctypes.c_double(a) if t is np.float64 else ctypes.c_int(a))
+        emu_blood.emu_set_1d(1, 1, 1, 0, 0, 0)
+        emu_blood.blood_step(*cargs)
+        launches.append(args)
+
+    def get_kernel(be, filename, name, options=(), name_expressions=None):
+        assert (filename, name, tuple(options)) == ("blood.cu", "blood_step", ("--fmad=false",))
+        return kernel
+
+    monkeypatch.setattr(bk, "get_kernel", get_kernel)
+    return types.SimpleNamespace(be=bk.Backend("cupy", xp, 0), dev=dev, launches=launches)
+
+
+def test_cupy_path_of_the_device_blood_equals_the_host_course(fake_cupy):
+    """DeviceBlood's CuPy branch (pinned upload on the compute stream, the kernel's arguments,
+    the read) through the host build of the kernel, driven over the seed patient's course with
+    random exits like the NumPy bookkeeping test: the same Blood states as the host path."""
+    samples: list = []
+    _, dev, _, _ = _course(dt_min=60.0, days=40.0, seed=4, collect=samples)
+    types_ = ["b_cell", "plasmablast", "cd19_car_t", "macrophage", "bcma_car_t", "anti_car_t"]
+    fields = ["ifng", "autoantibody", "il6"]
+    ref = DeviceBlood(dev, types_, 3.7e-4, fields, np.float32, NUMPY)
+    gpu = DeviceBlood(dev, types_, 3.7e-4, fields, np.float32, fake_cupy.be)
+    assert isinstance(gpu.out, _DevArray) and isinstance(gpu.cb, _DevArray)
+    for up, left in samples:
+        out = fake_cupy.be.asnumpy(gpu.launch(60.0, fake_cupy.dev(left), state=up))
+        ho, hc = _host(ref, up, left, 60.0, True)
+        assert _same(out, ho) and _same(np.asarray(gpu.cb)[:3], hc)
+    # the packed state of a Blood goes up as well (launch without state=)
+    gpu.blood = ref.blood = dev
+    out = fake_cupy.be.asnumpy(gpu.launch(60.0))
+    ho, _ = _host(ref, ref.pack(dev, np.empty_like(ref._up_host)), np.zeros(6, np.int64), 60.0, False)
+    assert _same(out, ho)
+    assert len(fake_cupy.launches) == len(samples) + 1
+
+
+def test_blood_kernel_on_the_gpu_equals_its_twin(gpu_be):
+    """kernels/blood.cu on the GPU against run_host on states of the seed patient's course: the
+    same decisions (relapse, CRS grade, management) and the same numbers to 1e-12 (the GPU's pow
+    and exp may differ from glibc's by an ulp). Skipped without a GPU."""
+    samples: list = []
+    _, dev, _, _ = _course(dt_min=60.0, days=330.0, seed=2, collect=samples)
+    types_ = ["b_cell", "plasmablast", "cd19_car_t", "macrophage", "bcma_car_t", "anti_car_t"]
+    fields = ["ifng", "autoantibody", "il6"]
+    ref = DeviceBlood(dev, types_, 3.7e-4, fields, np.float32, NUMPY)
+    gpu = DeviceBlood(dev, types_, 3.7e-4, fields, np.float32, gpu_be)
+    nv = ref.nv
+    grades = set()
+    for k, (up, left) in enumerate(samples[::5]):
+        ho, hc = _host(ref, up, left, 60.0, True)
+        out = gpu_be.asnumpy(gpu.launch(60.0, gpu_be.asarray(left), state=up))
+        np.testing.assert_allclose(
+            out[: 2 * nv + 5], ho[: 2 * nv + 5], rtol=1e-12, atol=1e-300, err_msg=str(k)
+        )
+        assert out[2 * nv + 5 :].tolist() == ho[2 * nv + 5 :].tolist(), k  # relapse, grade, events
+        np.testing.assert_array_equal(gpu_be.asnumpy(gpu.cb[: len(fields)]), hc)
+        grades.add(int(ho[2 * nv + 6]))
+    assert len(grades) >= 3
