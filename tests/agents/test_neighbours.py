@@ -233,3 +233,55 @@ def test_a_held_cell_list_keeps_its_tables_when_others_are_built(be):
     assert got == want
     start, end = be.asnumpy(held.bin_start), be.asnumpy(held.bin_end)
     assert int((end - start).sum()) == 400
+
+
+@pytest.mark.parametrize("gname", ["2d", "3d"])
+def test_pair_search_in_blocks_equals_one_expansion(gname, monkeypatch):
+    """The NumPy pair search expands PAIR_BLOCK sources at a time and keeps only the pairs within
+    the list's reach (its memory stays bounded). With blocks of 13 sources, contacts (every cell
+    a source; a fifth of them, which takes the per-source path) and crowding give the same pairs
+    in the same order and the same displacements, bit for bit, as one expansion of all
+    candidates; a query reaching past the list's width is refused rather than answered short."""
+    from tissuesim.agents import neighbours as nb
+    from tissuesim.backend import NUMPY
+
+    grid = GRIDS[gname]
+    pop, pos, types = _population(NUMPY, grid, 900, np.random.default_rng(11), ntypes=5)
+
+    def search():
+        out = []
+        for radius, width, src, tgt in [
+            (12.0, 12.0, None, None),
+            (7.5, 20.0, [1], [0, 2]),
+            (25.0, 25.0, [2], [2]),
+        ]:
+            cl = build_cell_list(pop, grid, width)
+            pr = contacts(pop, radius, src, tgt, cell_list=cl)
+            out.append((pr.i.tobytes(), pr.j.tobytes()))
+            if src is not None:
+                assert set(zip(pr.i.tolist(), pr.j.tolist())) == _brute(pos, types, radius, src, tgt)
+        # on one list, queries of decreasing reach (the later ones filter the pairs the first
+        # kept); on another, of increasing reach (each finds its farther pairs)
+        for radii in ((25.0, 12.0, 3.0), (3.0, 12.0, 25.0)):
+            cl = build_cell_list(pop, grid, 25.0)
+            for radius in radii:
+                pr = contacts(pop, radius, [0, 1, 2], [0, 1, 2, 3, 4], cell_list=cl)
+                assert set(zip(pr.i.tolist(), pr.j.tolist())) == _brute(
+                    pos, types, radius, [0, 1, 2], range(5)
+                )
+                out.append((pr.i.tobytes(), pr.j.tobytes()))
+        # crowding (reach 12) on the last list, whose cached pairs reach 25
+        radius = np.array([6.0, 4.0, 5.0, 0.0, 3.0], np.float32)
+        stiff = np.array([1.0, 0.5, 0.7, 0.0, 2.0], np.float32)
+        out.append(crowd_displacement(pop, cl, radius, stiff, 0.7).tobytes())
+        fresh = crowd_displacement(pop, build_cell_list(pop, grid, 12.0), radius, stiff, 0.7)
+        assert fresh.tobytes() == out[-1]
+        return out
+
+    monkeypatch.setattr(nb, "PAIR_BLOCK", 13)
+    blocked = search()
+    monkeypatch.setattr(nb, "PAIR_BLOCK", 1 << 30)
+    assert search() == blocked
+    cl = build_cell_list(pop, grid, 12.0)
+    with pytest.raises(ValueError, match="beyond the cell list's width"):
+        nb._candidates_for(cl, pop.position, None, np.float32(13.0 * 13.0))

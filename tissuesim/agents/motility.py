@@ -60,6 +60,8 @@ from tissuesim.grid import Grid
 NTP = 9  # per-type parameters in the kernel table (agents.cu)
 MAX_SUBSTEPS = 64  # as in agents.cu: an axis move of more than 64 max_disp is capped (flagged)
 MAX_DISP_FRACTION = 0.99
+#: NumPy moves cells in blocks of this many rows (bounds the move's work arrays to a few MB)
+MOVE_BLOCK = 16384
 
 
 @dataclass(frozen=True)
@@ -589,26 +591,31 @@ def move(
             ),
         )
     else:
-        move_cells_numpy(
-            pop.position,
-            pop.velocity,
-            pop.type,
-            pop.id,
-            crowd,
-            vals,
-            tfield_h,
-            tp_h,
-            open_,
-            grid,
-            n,
-            dt_min,
-            step & 0xFFFFFFFF,
-            k0,
-            k1,
-            ndim,
-            max_disp,
-            pop.flags,
-        )
+        # in blocks of rows: every cell moves on its own (its own random numbers, read-only
+        # fields), so the blocks give the cells of one call bit for bit, and the work arrays
+        # (~330 B per cell) stay bounded however many cells there are
+        for s0 in range(0, n, MOVE_BLOCK):
+            s1 = min(s0 + MOVE_BLOCK, n)
+            move_cells_numpy(
+                pop.position[s0:s1],
+                pop.velocity[s0:s1],
+                pop.type[s0:s1],
+                pop.id[s0:s1],
+                crowd[s0:s1],
+                vals,
+                tfield_h,
+                tp_h,
+                open_,
+                grid,
+                s1 - s0,
+                dt_min,
+                step & 0xFFFFFFFF,
+                k0,
+                k1,
+                ndim,
+                max_disp,
+                pop.flags,
+            )
     pop.age[:n] += np.float32(dt_min)
 
 

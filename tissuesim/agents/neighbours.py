@@ -216,12 +216,13 @@ def _build_cell_list_numpy(pos, n, origin, width, nb) -> CellList:
 class _Snapshot:
     """Positions a CellList's NumPy queries last saw, their padded bins and the pairs found then."""
 
-    __slots__ = ("cand", "pbin", "pos")
+    __slots__ = ("cand", "cand_reach2", "pbin", "pos")
 
     def __init__(self, pos, pbin):
         self.pos = pos
         self.pbin = pbin
-        self.cand = None  # (i, j, r2) over every cell as source, pair order
+        self.cand = None  # (i, j, r2) over every cell as source, r2 < cand_reach2, pair order
+        self.cand_reach2 = None
 
 
 def _snapshot(cl: CellList, pos) -> _Snapshot:
@@ -341,18 +342,56 @@ def _columns(pos, n):
     return tuple(np.ascontiguousarray(pos[:n, a]) for a in range(3))
 
 
-def _all_candidates(cl: CellList, pos):
-    """(i, j, r2) for every cell as a source, in pair order; r2 = |x_j - x_i|^2 (float32).
+#: sources whose candidate pairs are expanded at a time: the expansion's work arrays (~40 B per
+#: candidate pair, ~20-70 candidates per source) then stay near a megabyte whatever the number of
+#: cells, and only the pairs within reach are kept
+PAIR_BLOCK = 2048
 
-    Cached on the list for bit-identical positions: contacts and crowding on one list share it.
-    """
-    snap = _snapshot(cl, pos)
-    if snap.cand is None:
-        i, j = _expand_pairs(cl, snap.pbin, None)
-        x, y, z = _columns(pos, cl.n)
+
+def list_reach2(cl: CellList) -> np.float32:
+    """The farthest a query on the list may reach, squared (um^2, float32): its width plus 1 %
+    (contacts check radius <= width, crowding 2 max radius <= width). Pairs farther apart than
+    the width are not all in the 3x3(x3) bin block, so a query past it would miss some."""
+    w = np.float32(cl.width)
+    return np.float32(w * w * np.float32(1.01))
+
+
+def _pairs_within(cl: CellList, pos, pbin, sources, reach2):
+    """(i, j, r2) of the candidate pairs of ``sources`` (int64 ascending; None: all cells, pbin
+    then of all cells) with r2 < reach2 (float32; None keeps all), in pair order.
+
+    Expanded PAIR_BLOCK sources at a time: pairs come source by source, so the blocks' pairs one
+    after the other are the pairs of one expansion, in the same order with the same r2."""
+    nsrc = pbin.shape[0]
+    x, y, z = _columns(pos, cl.n)
+    parts = []
+    for s0 in range(0, nsrc, PAIR_BLOCK):
+        s1 = min(s0 + PAIR_BLOCK, nsrc)
+        src = np.arange(s0, s1, dtype=np.int64) if sources is None else sources[s0:s1]
+        i, j = _expand_pairs(cl, pbin[s0:s1], src)
         r2 = _r2(x, y, z, i, j)
-        snap.cand = (i, j, r2)
-    return snap.cand
+        if reach2 is not None:
+            k = np.flatnonzero(r2 < reach2)
+            if k.size != i.size:
+                i, j, r2 = i[k], j[k], r2[k]
+        parts.append((i, j, r2))
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(np.concatenate(a) for a in zip(*parts))
+
+
+def _all_candidates(cl: CellList, pos, reach2):
+    """(i, j, r2, kept2): every cell as a source, the pairs with r2 < kept2 (>= reach2), in pair
+    order; r2 = |x_j - x_i|^2 (float32).
+
+    Cached on the list for bit-identical positions with the reach of the query that made them:
+    a later query on the list that reaches no farther (contacts and crowding on one list) filters
+    them; one that reaches farther finds them again."""
+    snap = _snapshot(cl, pos)
+    if snap.cand is None or snap.cand_reach2 < reach2:
+        snap.cand = _pairs_within(cl, pos, snap.pbin, None, reach2)
+        snap.cand_reach2 = reach2
+    return (*snap.cand, snap.cand_reach2)
 
 
 def _r2(x, y, z, i, j):
@@ -378,8 +417,8 @@ def candidate_pairs_numpy(cl: CellList, pos, sources=None, ordered: bool = True)
     Vectorised over cells and rows of bins (dz, dy) in one pass: the row's three bins are one
     contiguous range of ``order`` (bins are sorted and the grid is padded with empty bins), and
     inside it cells come by (dx, j), the kernels' order. Returns int64 arrays (i, j), always in
-    pair order (``ordered`` is kept for compatibility). When many cells are sources the pairs of
-    all cells are found once and cached on the list (see _all_candidates), then filtered.
+    pair order (``ordered`` is kept for compatibility). Every candidate, near or far (the
+    queries, contacts and crowding, keep only the pairs within their reach; see _all_candidates).
     """
     n = cl.n
     e = np.zeros(0, dtype=np.int64)
@@ -387,34 +426,40 @@ def candidate_pairs_numpy(cl: CellList, pos, sources=None, ordered: bool = True)
         sources = np.asarray(sources, dtype=np.int64)
     if n == 0 or (sources is not None and sources.size == 0):
         return e, e
-    i, j, _ = _candidates_for(cl, pos, sources)
+    snap = _snapshot(cl, pos)
+    pbin = snap.pbin if sources is None else snap.pbin[sources]
+    i, j, _ = _pairs_within(cl, pos, pbin, sources, None)
     return i, j
 
 
-def _use_all(cl: CellList, nsrc: int) -> bool:
+def _use_all(cl: CellList, nsrc: int, reach2) -> bool:
     """Find (or reuse) the pairs of every cell rather than of the sources only."""
     snap = getattr(cl, "_snap", None)
-    return 4 * nsrc >= cl.n or (snap is not None and snap.cand is not None)
+    return 4 * nsrc >= cl.n or (snap is not None and snap.cand is not None and snap.cand_reach2 >= reach2)
 
 
-def _candidates_for(cl: CellList, pos, sources, src_mask=None):
-    """(i, j, r2 or None) of the candidate pairs of ``sources`` (int64 ascending, None = all).
+def _candidates_for(cl: CellList, pos, sources, reach2, src_mask=None):
+    """(i, j, r2, exact) of the candidate pairs of ``sources`` (int64 ascending, None = all) in
+    pair order: every pair with r2 < reach2 (float32, the query's own cut), and when ``exact`` is
+    false some farther ones too (pairs cached by a query that reached farther).
 
     src_mask : bool (n,) of the sources (optional, saves building it)."""
     n = cl.n
     nsrc = n if sources is None else int(sources.size)
-    if sources is None or _use_all(cl, nsrc):
-        i, j, r2 = _all_candidates(cl, pos)
+    if reach2 > list_reach2(cl):
+        raise ValueError(f"query reach^2 {reach2} um^2 beyond the cell list's width {cl.width} um")
+    if sources is None or _use_all(cl, nsrc, reach2):
+        i, j, r2, kept2 = _all_candidates(cl, pos, reach2)
+        exact = bool(kept2 == reach2)
         if nsrc == n:
-            return i, j, r2
+            return i, j, r2, exact
         if src_mask is None:
             src_mask = np.zeros(n, dtype=bool)
             src_mask[sources] = True
         keep = np.flatnonzero(src_mask[i])
-        return i[keep], j[keep], r2[keep]
+        return i[keep], j[keep], r2[keep], exact
     snap = _snapshot(cl, pos)
-    i, j = _expand_pairs(cl, snap.pbin[sources], sources)
-    return i, j, None
+    return (*_pairs_within(cl, pos, snap.pbin[sources], sources, reach2), True)
 
 
 def type_mask(types) -> int:
@@ -470,18 +515,14 @@ def contacts_numpy(pos, type_, cl: CellList, r2max, src_mask: int, tgt_mask: int
     if src.size == 0:
         return e, e
     tgt_ok = _type_bits(tgt_mask)[t]
-    i, j, r2 = _candidates_for(cl, pos, None if src.size == n else src, is_src)
+    r2max = np.float32(r2max)
+    i, j, r2, exact = _candidates_for(cl, pos, None if src.size == n else src, r2max, is_src)
     if i.size == 0:
         return e, e
-    r2max = np.float32(r2max)
-    if r2 is not None:
-        ok = tgt_ok[j]
+    ok = tgt_ok[j]
+    if not exact:
         ok &= r2 < r2max
-        ok = np.flatnonzero(ok)
-        return i[ok], j[ok]
-    ok = np.flatnonzero(tgt_ok[j])
-    i, j = i[ok], j[ok]
-    ok = np.flatnonzero(_r2(*_columns(pos, n), i, j) < r2max)
+    ok = np.flatnonzero(ok)
     return i[ok], j[ok]
 
 
@@ -579,16 +620,14 @@ def crowd_displacement_numpy(pos, type_, ids, cl: CellList, radius, stiff, dt):
     if nsrc == 0:
         return out
     sources = None if nsrc == n else np.flatnonzero(is_src)
-    i, j, r2 = _candidates_for(cl, pos, sources, is_src)
+    rmax = np.float32(2 * radius.max())
+    i, j, r2, exact = _candidates_for(cl, pos, sources, np.float32(rmax * rmax), is_src)
     if i.size == 0:
         return out
     x, y, z = _columns(pos, n)
-    if r2 is None:
-        r2 = _r2(x, y, z, i, j)  # |x_i - x_j|^2: the same float32 value
-    # cheap filter first (most candidates do not overlap)
-    rmax = np.float32(2 * radius.max())
-    near = np.flatnonzero(r2 < rmax * rmax)
-    i, j, r2 = i[near], j[near], r2[near]
+    if not exact:  # cheap filter first (most candidates do not overlap)
+        near = np.flatnonzero(r2 < rmax * rmax)
+        i, j, r2 = i[near], j[near], r2[near]
     ri, rj = rc[i], rc[j]
     R = ri + rj
     ov = rj > 0
