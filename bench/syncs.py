@@ -184,11 +184,14 @@ def capture_phases(case: str, warm_days: float) -> dict:
     sim.run(until_day=warm_days)
     # the plain field step: is it sync-free? (its CUDA graph cannot be launched into a capture)
     sim.fields.use_graph = False
-    # on the GPU the blood phase takes up the advance the last step left; before_move
-    # (arrivals) takes it up again in a real step, so it gets it back before its capture
+    # on the GPU the blood phase takes up the advance the last step left (into the host Blood);
+    # before_move (arrivals) takes it up again in a real step, so the pending advance and the
+    # host Blood it was made from are put back before its capture
     imm = sim.immunology
     db = imm.device_blood() if imm.blood_on_device else None
-    pending = db.pending if db is not None else None
+    if db is not None:
+        b = sim.blood
+        saved = (db.pending, dict(b.y), b.meta_dict(), b.step_grade)
     out = {}
     for name in PHASES:
         obj, attr = phase_target(sim, name)
@@ -207,7 +210,8 @@ def capture_phases(case: str, warm_days: float) -> dict:
         }[name]
         kw = {"source": sim.immunology.source, "c_blood": sim.c_blood} if name == "fields" else {}
         if db is not None and name == "arrivals":
-            db.pending = pending
+            db.pending, b.y, meta, b.step_grade = saved[0], dict(saved[1]), saved[2], saved[3]
+            b.load_meta_dict(meta)
         s = cupy.cuda.Stream(non_blocking=True)
         res = {"captured": False}
         with s:

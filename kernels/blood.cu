@@ -6,9 +6,11 @@
 // step's arrivals, and so the blood state comes back in the step's one device read.
 //
 // Every expression below is the one of Blood._rhs_list / advance / _detect_relapse, written in
-// the same order with the same association, and the file is compiled with --fmad=false: the
-// results are those of the host bit for bit except where libm differs (pow for the disease drive
-// when its Hill exponent is not an integer, exp for the tocilizumab blockade: an ulp or so).
+// the same order with the same association (comparisons too, so NaN goes the host's way), and the
+// file is compiled with --fmad=false: the results are those of the host bit for bit where libm
+// agrees (built for the host with g++ they are, tests/biology/test_blood_device.py); on the GPU
+// pow (the disease drive, every right-hand side) and exp (the tocilizumab blockade) may differ
+// from glibc's by an ulp or two (CUDA documents pow to 2 ulp), and the results with them.
 //
 // Layouts (float64 unless said; nv = 7 + 4 P unknowns, P CAR products; see blood_device.py):
 //   up  [nv + P + 7]   y (names order), growth per product, then day, toci_day (NaN: none),
@@ -104,7 +106,7 @@ __device__ void blood_rhs(const double* y, double* d, const double* prm, const i
     const double k_rtx = rtx > 0.0 ? prm[P_KRK] * rtx / (rtx + prm[P_EC50]) : 0.0;
     d[0] = (prm[P_B0N] - bn) / prm[P_TAUB] - (kill_cd19 + k_rtx) * bn;
     double drive = 0.0;
-    if (ab > 0.0) {
+    if (!(ab <= 0.0)) {  // the host's "if ab <= 0: 0" (NaN goes on to pow, as there)
         const double a = pow(ab, prm[P_HDRIVE]);
         const double one_k = 1.0 + prm[P_KDRIVE];
         drive = a * one_k / (a + prm[P_KDRIVE]);
@@ -189,7 +191,8 @@ extern "C" __global__ void blood_step(const double* __restrict__ up, const i64* 
     const double block = toci_day != toci_day ? 0.0 : prm[P_TOCI_BLOCK] * exp(-prm[P_KTOCI] * (day - toci_day));
     const double il6_eff = y[5] * (1.0 - block);
     int grade = 0;
-    for (int j = 0; j < nthr; ++j) grade += prm[NPRM + j] <= il6_eff;
+    // bisect_right: the thresholds not above the value (all of them for NaN, as Python's bisect)
+    for (int j = 0; j < nthr; ++j) grade += !(il6_eff < prm[NPRM + j]);
     int events = 0;
     if (grade >= 2) {
         if (prm[P_USES_TOCI] != 0.0 && toci_day != toci_day) {

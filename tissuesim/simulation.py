@@ -5,9 +5,10 @@ therapy events -> blood ODE and arrivals from blood -> cells sense fields and mo
 (kill, engage) -> deaths, divisions, differentiation -> exits into blood -> secretion sources ->
 fields react and diffuse -> clock (tissuesim.biology.immunology holds the biology).
 On the GPU a step reads device memory once: the cell count after deaths and births, with the
-exits per type and the blood compartment (Population.remove_and_divide). The blood ODE runs as a
-kernel just before that read (exits into blood, then the next step's advance; see
-biology/blood_device.py), and the next step's arrivals are drawn on the host from what it read. Readouts, flags and snapshots are copied to the host only at output intervals
+exits per type and the blood compartment (Population.remove_and_divide). The blood ODE runs as
+a kernel just before that read (exits into blood, then the next step's advance; see
+biology/blood_device.py), and the next step's arrivals are drawn on the host from what it
+read. Readouts, flags and snapshots are copied to the host only at output intervals
 (timeseries rows and snapshots), which are whole numbers of steps.
 
 Usable from Python without Hydra::

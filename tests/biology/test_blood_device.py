@@ -93,6 +93,12 @@ def test_restored_checkpoint_continues_bitwise():
     c.run(until_day=1.0)
     _assert_same(ref, c)
     assert c.immunology.blood_extra_reads == 1  # the first step after the restore
+    # back into the same simulation, whose pending advance is for a later step
+    reads = ref.immunology.blood_extra_reads
+    checkpoint.restore(ref, arrays, meta)
+    ref.run(until_day=1.0)
+    _assert_same(ref, c)
+    assert ref.immunology.blood_extra_reads == reads + 1
 
 
 def _cfg_course():
@@ -298,6 +304,101 @@ def test_kernel_edge_cases(emu_blood, f32):
             assert _same(kc, hc)
         clamped += (ho[:nv] == 0).sum() > (up[:nv] == 0).sum()
     assert clamped > 20  # exits emptied pools in many cases
+
+
+def test_kernel_decisions_at_their_boundaries(emu_blood):
+    """The CRS grade, the clone's extinction and relapse detection each compare a value with a
+    threshold. Here each threshold is set to exactly the value the step reaches (grade 3 at the
+    effective IL-6, extinction at the advanced autoreactive pool, the relapse level at the
+    advanced B-cell count), where < and <= (> and >=) part: the kernel decides as the host."""
+    import dataclasses
+
+    cfg = _cfg_course()
+    bio, therapy = plain(cfg.biology), plain(cfg.therapy)
+    products = {p: str(c.target) for p, c in bio.car_products.items()}
+    types_ = ["b_cell", "cd19_car_t", "bcma_car_t"]
+    samples: list = []
+    _course(dt_min=60.0, days=120.0, seed=5, collect=samples)
+    hits = {"grade": 0, "extinction": 0, "relapse": 0}
+    for up, left in samples[::25]:
+        up = up.copy()
+        db = DeviceBlood(Blood(bio.blood, products, therapy), types_, 3.7e-4, ["il6"], np.float32, NUMPY)
+        m = db.nv + db.np_
+        up[m + 3], up[m + 4], up[m + 5], up[m + 6] = 1.0, 1e-6, 0.0, 1.0  # depleted, nadir, -, treated
+        # management given days ago: the grade's value (before management) is il6_effective()
+        up[m + 1], up[m + 2] = up[m] - 3.0, up[m] - 3.0
+        left = left[: len(types_)]
+        adv = run_host(db, up, left, 60.0, True, np.empty(2 * db.nv + OUT_META), np.empty(1))
+        il6, b_auto, b = adv.il6_effective(), adv.y["b_auto"], adv.b_cell_per_ul()
+        b0 = bio.blood.b_cell_per_ul
+        frac = b / b0
+        for _ in range(8):  # the fraction whose level is b exactly, if there is one
+            if frac * b0 == b:
+                break
+            frac = np.nextafter(frac, np.inf if frac * b0 < b else -np.inf)
+        changes = {}
+        if il6 > 0:
+            changes["crs_il6_thresholds_pg_per_ml"] = [0.25 * il6, 0.5 * il6, il6, 2 * il6]
+            hits["grade"] += 1
+        if b_auto > 0:
+            changes["extinction_per_ul"] = b_auto
+            hits["extinction"] += 1
+        if frac * b0 == b:
+            changes["relapse_b_cell_fraction"] = float(frac)
+            hits["relapse"] += 1
+        edge = DeviceBlood(
+            Blood(dataclasses.replace(bio.blood, **changes), products, therapy),
+            types_,
+            3.7e-4,
+            ["il6"],
+            np.float32,
+            NUMPY,
+        )
+        ko, kc = _kernel(emu_blood, edge, up, left, 60.0, True)
+        ho, hc = _host(edge, up, left, 60.0, True)
+        assert _same(ko, ho) and _same(kc, hc)
+        if "crs_il6_thresholds_pg_per_ml" in changes:
+            assert ho[2 * edge.nv + 6] == 3.0  # the threshold reached counts
+        if "relapse_b_cell_fraction" in changes:
+            assert ho[2 * edge.nv + 5] == 0.0  # at the level is not above it
+    assert min(hits.values()) >= 3, hits
+
+
+def test_pending_advance_is_redone_when_the_host_changed_anything():
+    """The advance computed at the end of a step is used by the next step only if nothing the
+    kernel reads changed on the host in between and the step and dt are the ones it was made
+    for: here a change of the treated flag alone, of an anti-CAR growth rate alone, or a step or
+    dt other than expected makes it launch again (a read), and the result is the host's."""
+    cfg = _cfg_course()
+    bio, therapy = plain(cfg.biology), plain(cfg.therapy)
+    products = {p: str(c.target) for p, c in bio.car_products.items()}
+    host, dev = Blood(bio.blood, products, therapy), Blood(bio.blood, products, therapy)
+    db = DeviceBlood(dev, ["b_cell"], 3.7e-4, ["il6"], np.float32, NUMPY)
+    for b in (host, dev):
+        b.infuse("cd19_car_t", 1e6)
+        b.treated = False  # as if the dose had not counted: the flag alone changes below
+    step = 0
+
+    def end_of_step():
+        db.finish(db.launch(60.0, np.zeros(1, np.int64)).copy(), step + 1, 60.0)
+
+    host.advance(60.0)
+    assert db.advance(step, 60.0) == ([], True)
+    end_of_step()
+    for change in ("none", "treated", "growth", "step", "dt"):
+        step += 1
+        dt = 30.0 if change == "dt" else 60.0
+        if change == "treated":
+            host.treated = dev.treated = True
+        elif change == "growth":
+            host.growth["cd19_car_t"] = dev.growth["cd19_car_t"] = 0.123
+        elif change == "step":
+            db.pending.step += 1
+        host.advance(dt)
+        _, read = db.advance(step, dt)
+        assert read == (change != "none"), change
+        assert host.y == dev.y and host.meta_dict() == dev.meta_dict(), change
+        end_of_step()
 
 
 # --------------------------------------------------------------------------- the CuPy path, emulated

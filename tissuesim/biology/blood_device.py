@@ -119,6 +119,10 @@ class DeviceBlood:
     per_ul_per_cell : blood cells/uL per patch cell; field_names : the fields (vessel exchange);
     field_dtype : the fields' dtype (cb is rounded through float32 for float32 fields);
     backend : tissuesim.backend.Backend (CuPy: the kernel; NumPy: run_host).
+
+    The constants (rates, baselines, CRS thresholds, management) are read from ``blood`` when the
+    DeviceBlood is made, as Blood reads them from its configuration when it is made; the state,
+    the anti-CAR growth rates and the clock travel with every launch.
     """
 
     def __init__(self, blood: Blood, cell_types, per_ul_per_cell: float, field_names, field_dtype, backend):
@@ -352,9 +356,10 @@ class DeviceBlood:
         return list(p.events), read
 
 
-def run_host(db: DeviceBlood, up, left, dt_min: float, apply_exits: bool, out, cb) -> None:
+def run_host(db: DeviceBlood, up, left, dt_min: float, apply_exits: bool, out, cb) -> Blood:
     """The twin of kernels/blood.cu's blood_step on NumPy arrays (same layouts), by the host code:
-    Blood.exchange as Immunology._move_blood calls it, then Blood.advance."""
+    Blood.move as Immunology._move_blood calls it, then Blood.advance. Returns the advanced Blood
+    (a copy of db.blood)."""
     b = copy.copy(db.blood)
     nv, np_ = db.nv, db.np_
     b.y = dict(zip(b.names, up[:nv].tolist()))
@@ -387,3 +392,4 @@ def run_host(db: DeviceBlood, up, left, dt_min: float, apply_exits: bool, out, c
         float(b.step_grade),
         float(ev),
     )
+    return b

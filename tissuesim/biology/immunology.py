@@ -382,7 +382,8 @@ class Immunology:
             db = self.device_blood()
             out = db.launch(dt_min, left)
             nt = self.ntypes
-            extra = self.xp.concatenate((left, out.view(self.xp.int64)))
+            # int64 both: the float64 results travel as their bits and are viewed back on the host
+            extra = self.xp.concatenate((left.astype(self.xp.int64, copy=False), out.view(self.xp.int64)))
             _removed, born, got = pop.remove_and_divide(dead | leave, divide, self.INHERIT, extra=extra)
             db.finish(np.ascontiguousarray(got[nt:]).view(np.float64), step + 1, dt_min)
         else:
