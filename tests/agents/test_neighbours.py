@@ -285,3 +285,20 @@ def test_pair_search_in_blocks_equals_one_expansion(gname, monkeypatch):
     cl = build_cell_list(pop, grid, 12.0)
     with pytest.raises(ValueError, match="beyond the cell list's width"):
         nb._candidates_for(cl, pop.position, None, np.float32(13.0 * 13.0))
+
+
+def test_pairs_exactly_at_the_reach_are_not_neighbours(be):
+    """Contacts are |x_i - x_j| < radius and crowding needs overlap: cells exactly one radius
+    (12 um, exact in float32) apart are not in contact, on a list exactly as wide as the radius;
+    1/64 um closer, they are. A crowding query on a list narrower than twice its largest radius
+    is refused (on both backends), as contacts refuse a list narrower than their radius."""
+    grid = Grid((1, 4, 6), dx=10.0)
+    pos = np.array([[5.0, 5.0, 5.0], [17.0, 5.0, 5.0], [5.0, 25.0, 5.0], [16.984375, 25.0, 5.0]], np.float32)
+    pop = Population(be, capacity=8)
+    pop.add(be.asarray(pos), be.asarray(np.zeros(4, np.uint8)))
+    pr = contacts(pop, 12.0, [0], [0], cell_list=build_cell_list(pop, grid, 12.0))
+    got = set(zip(be.asnumpy(pr.i).tolist(), be.asnumpy(pr.j).tolist()))
+    assert got == {(2, 3), (3, 2)}
+    r = np.array([6.0], np.float32)
+    with pytest.raises(ValueError, match="crowding radius"):
+        crowd_displacement(pop, build_cell_list(pop, grid, 11.9), r, np.array([1.0], np.float32), 1.0)

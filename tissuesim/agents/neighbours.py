@@ -343,17 +343,18 @@ def _columns(pos, n):
 
 
 #: sources whose candidate pairs are expanded at a time: the expansion's work arrays (~40 B per
-#: candidate pair, ~20-70 candidates per source) then stay near a megabyte whatever the number of
-#: cells, and only the pairs within reach are kept
+#: candidate pair, ~20-70 candidates per source: some 2-6 MB) stay bounded whatever the number of
+#: cells, and only the pairs within reach are kept (they still grow with the cells)
 PAIR_BLOCK = 2048
 
 
 def list_reach2(cl: CellList) -> np.float32:
-    """The farthest a query on the list may reach, squared (um^2, float32): its width plus 1 %
-    (contacts check radius <= width, crowding 2 max radius <= width). Pairs farther apart than
-    the width are not all in the 3x3(x3) bin block, so a query past it would miss some."""
+    """The farthest a query on the list may reach, squared (um^2, float32): its width, with the
+    1e-6 relative tolerance of the width checks (contacts: radius <= width; crowd_displacement:
+    2 max radius <= width) and float32 rounding. Pairs farther apart than the width are not all
+    in the 3x3(x3) bin block, so a query past it would miss some."""
     w = np.float32(cl.width)
-    return np.float32(w * w * np.float32(1.01))
+    return np.float32(w * w * np.float32(1 + 4e-6))
 
 
 def _pairs_within(cl: CellList, pos, pbin, sources, reach2):
@@ -363,6 +364,9 @@ def _pairs_within(cl: CellList, pos, pbin, sources, reach2):
     Expanded PAIR_BLOCK sources at a time: pairs come source by source, so the blocks' pairs one
     after the other are the pairs of one expansion, in the same order with the same r2."""
     nsrc = pbin.shape[0]
+    if nsrc == 0:
+        e = np.zeros(0, dtype=np.int64)
+        return e, e, np.zeros(0, dtype=np.float32)
     x, y, z = _columns(pos, cl.n)
     parts = []
     for s0 in range(0, nsrc, PAIR_BLOCK):
@@ -685,6 +689,11 @@ def crowd_displacement(pop: Population, cl: CellList, radius_by_type, stiffness_
     # no host wait inside the step.
     r_in = np.asarray(pop.be.asnumpy(radius_by_type), dtype=np.float32).reshape(-1)[:256]
     k_in = np.asarray(pop.be.asnumpy(stiffness_by_type), dtype=np.float32).reshape(-1)[:256]
+    reach = 2.0 * float(r_in.max()) if r_in.size else 0.0
+    if cl.width < reach * (1 - 1e-6):  # pairs farther apart than the width are not all found
+        raise ValueError(
+            f"cell list width {cl.width} um < 2 x largest crowding radius {reach} um: rebuild it"
+        )
     radius, stiff = _crowd_tables(r_in, k_in)
     radius, stiff = device_constant(pop.be, radius), device_constant(pop.be, stiff)
     n = pop.n
