@@ -7,6 +7,8 @@ the first point (``slope_upper``).
 
     python bench/scaling.py                        # CPU defaults
     python bench/scaling.py --backend cupy         # GPU sizes
+    python bench/scaling.py --sides 48 64 96 128 --cell-side 32 --cells 1e3 3e3 1e4 3e4 1e5
+                                                   # CPU, both series past the fixed costs
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def main(argv=None) -> None:
     ap.add_argument("--backend", choices=("numpy", "cupy"), default="numpy")
     ap.add_argument("--sides", type=int, nargs="+", default=None, help="cube sides for the voxel series")
     ap.add_argument("--cells", type=float, nargs="+", default=None, help="cell counts for the cell series")
+    ap.add_argument(
+        "--cell-side",
+        type=int,
+        default=None,
+        help="cube side of the cell series (default: the second of --sides)",
+    )
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     a = ap.parse_args(argv)
@@ -40,7 +48,7 @@ def main(argv=None) -> None:
     sides = a.sides or ([64, 96, 128, 192, 256] if be.is_gpu else [24, 32, 48, 64])
     cells = a.cells or ([1e4, 1e5, 1e6, 3e6] if be.is_gpu else [1e3, 3e3, 1e4, 3e4])
     fixed_cells = int(cells[0])
-    fixed_side = sides[1]
+    fixed_side = a.cell_side or sides[1]
     vox = [run_case(f"{s}:{fixed_cells}", a.backend, a.seconds, phases=False) for s in sides]
     cel = [run_case(f"{fixed_side}:{int(c)}", a.backend, a.seconds, phases=False) for c in cells]
     nv = [np.prod(r["shape"]) for r in vox]
