@@ -206,6 +206,7 @@ class DeviceBlood:
         n_up = self.nv + self.np_ + META
         n_out = 2 * self.nv + OUT_META
         self.pending: Advanced | None = None
+        self._kernel = None
         if backend.is_gpu:
             import cupyx
 
@@ -275,15 +276,17 @@ class DeviceBlood:
                 self, up, np.asarray(left, dtype=np.int64), float(dt_min), apply_exits, self.out, self.cb
             )
             return self.out
-        from tissuesim.backend import get_kernel
-
         xp = self.xp
         stream = xp.cuda.get_current_stream()
         # pinned -> device on the compute stream: asynchronous, and the pinned buffer is rewritten
         # only after the step's read (a full wait for this stream), so the copy has long finished
         self._up_d.data.copy_from_host_async(up.ctypes.data, up.nbytes, stream)
         left = xp.ascontiguousarray(left, dtype=xp.int64)
-        k = get_kernel(self.be, FILENAME, "blood_step", options=OPTIONS)
+        k = self._kernel
+        if k is None:  # looked up once (the lookup is Python work in every step otherwise)
+            from tissuesim.backend import get_kernel
+
+            k = self._kernel = get_kernel(self.be, FILENAME, "blood_step", options=OPTIONS)
         k(
             (1,),
             (1,),
