@@ -284,6 +284,9 @@ def run_case(case: str, backend: str, seconds: float, phases: bool = True) -> di
         "steps_per_second": 1.0 / per_step,
         "ns_per_voxel_field": per_step / (sim.grid.n_voxels * len(sim.fields.names)) * 1e9,
         "ns_per_cell": per_step / max(sim.cells.n, 1) * 1e9,
+        # GPU: steps whose blood advance needed a read of its own (expected: the first only)
+        "blood_on_device": bool(sim.immunology.blood_on_device),
+        "blood_extra_reads": int(sim.immunology.blood_extra_reads),
     }
     base["state_copy"] = _state_copy(sim, per_step)
     if not be.is_gpu:
