@@ -35,10 +35,10 @@ from tissuesim.backend import select_backend
 
 # Phases of Simulation.step: name -> (owner, method). "arrivals" is Immunology.before_move less
 # the blood ODE inside it (on the GPU "blood" is DeviceBlood.advance, which takes up the result
-# the blood kernel left at the end of the previous step: the kernel itself runs in "biology"); "biology" is after_move (contacts, kills, fates, exits, field
-# sources); "rest" is what the step spends outside the listed phases. Output (timeseries rows,
-# snapshot copies) happens between steps and is timed per call, then spread over the steps of
-# the default intervals.
+# the blood kernel left at the end of the previous step: the kernel itself runs in "biology");
+# "biology" is after_move (contacts, kills, fates, exits, field sources); "rest" is what the step
+# spends outside the listed phases. Output (timeseries rows, snapshot copies) happens between
+# steps and is timed per call, then spread over the steps of the default intervals.
 PHASES = {
     "events": ("sim", "_apply_events"),
     "blood": ("blood", "advance"),

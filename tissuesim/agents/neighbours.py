@@ -359,7 +359,7 @@ def list_reach2(cl: CellList) -> np.float32:
 
 def _pairs_within(cl: CellList, pos, pbin, sources, reach2):
     """(i, j, r2) of the candidate pairs of ``sources`` (int64 ascending; None: all cells, pbin
-    then of all cells) with r2 < reach2 (float32; None keeps all), in pair order.
+    then of all cells) with r2 < reach2 (float32), in pair order.
 
     Expanded PAIR_BLOCK sources at a time: pairs come source by source, so the blocks' pairs one
     after the other are the pairs of one expansion, in the same order with the same r2."""
@@ -374,10 +374,9 @@ def _pairs_within(cl: CellList, pos, pbin, sources, reach2):
         src = np.arange(s0, s1, dtype=np.int64) if sources is None else sources[s0:s1]
         i, j = _expand_pairs(cl, pbin[s0:s1], src)
         r2 = _r2(x, y, z, i, j)
-        if reach2 is not None:
-            k = np.flatnonzero(r2 < reach2)
-            if k.size != i.size:
-                i, j, r2 = i[k], j[k], r2[k]
+        k = np.flatnonzero(r2 < reach2)
+        if k.size != i.size:
+            i, j, r2 = i[k], j[k], r2[k]
         parts.append((i, j, r2))
     if len(parts) == 1:
         return parts[0]
@@ -412,28 +411,6 @@ def _r2(x, y, z, i, j):
     d *= d
     r2 += d
     return r2
-
-
-def candidate_pairs_numpy(cl: CellList, pos, sources=None, ordered: bool = True):
-    """All (i, j), i != j, with j in the 3x3(x3) bin block of i, in the kernels' pair order.
-
-    pos : float32 (>= n, 3). sources : int64 indices allowed as i (ascending) or None for all.
-    Vectorised over cells and rows of bins (dz, dy) in one pass: the row's three bins are one
-    contiguous range of ``order`` (bins are sorted and the grid is padded with empty bins), and
-    inside it cells come by (dx, j), the kernels' order. Returns int64 arrays (i, j), always in
-    pair order (``ordered`` is kept for compatibility). Every candidate, near or far (the
-    queries, contacts and crowding, keep only the pairs within their reach; see _all_candidates).
-    """
-    n = cl.n
-    e = np.zeros(0, dtype=np.int64)
-    if sources is not None:
-        sources = np.asarray(sources, dtype=np.int64)
-    if n == 0 or (sources is not None and sources.size == 0):
-        return e, e
-    snap = _snapshot(cl, pos)
-    pbin = snap.pbin if sources is None else snap.pbin[sources]
-    i, j, _ = _pairs_within(cl, pos, pbin, sources, None)
-    return i, j
 
 
 def _use_all(cl: CellList, nsrc: int, reach2) -> bool:

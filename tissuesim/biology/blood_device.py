@@ -100,7 +100,7 @@ class Advanced:
 
     step: int  # the step it is for
     dt_min: float
-    fingerprint: tuple  # the host state it was advanced from
+    fingerprint: bytes  # the host state it was advanced from
     y: np.ndarray  # float64 (nv,)
     day: float
     toci_day: float | None
@@ -207,6 +207,7 @@ class DeviceBlood:
         n_out = 2 * self.nv + OUT_META
         self.pending: Advanced | None = None
         self._kernel = None
+        self._fp_buf = np.empty(n_up, dtype=np.float64)
         if backend.is_gpu:
             import cupyx
 
@@ -242,20 +243,10 @@ class DeviceBlood:
         )
         return up
 
-    def fingerprint(self, blood: Blood) -> tuple:
-        """Everything of the host Blood that the kernel reads (to see if it changed)."""
-        y = blood.y
-        return (
-            tuple(y[n] for n in blood.names),
-            tuple(blood.growth[p] for p in blood.products),
-            blood.day,
-            blood.toci_day,
-            blood.steroid_day,
-            blood.depleted,
-            blood.ab_nadir,
-            blood.relapse,
-            blood.treated,
-        )
+    def fingerprint(self, blood: Blood) -> bytes:
+        """Everything of the host Blood that the kernel reads, as the bytes of its packed state
+        (to see if it changed; bytes, so a NaN 'not given' day compares equal to itself)."""
+        return self.pack(blood, self._fp_buf).tobytes()
 
     # ------------------------------------------------------------------ launching
     def launch(self, dt_min: float, left=None, state=None):

@@ -360,8 +360,7 @@ class Immunology:
             pop.remove(gone)
         if self.blood_on_device:  # the exits go into the blood step (the twin on NumPy)
             db = self.device_blood()
-            zero = np.zeros(self.ntypes, dtype=np.int64)
-            out = db.launch(dt_min, zero if left is None else left)
+            out = db.launch(dt_min, left)  # left None: no exits
             db.finish(sim.backend.asnumpy(out), step + 1, dt_min)
         elif left is not None:
             for ti in np.flatnonzero(left):

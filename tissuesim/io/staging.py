@@ -78,7 +78,6 @@ class Stager:
         self._dev: dict[str, object] = {}
         self._host: dict[str, np.ndarray] = {}
         self.pending = None  # (writer, day, n cells, token)
-        self.in_flight_max = 0  # most snapshots in flight at once (1 by construction; tests)
 
     @property
     def asynchronous(self) -> bool:
@@ -120,7 +119,6 @@ class Stager:
             self.t.device_copy(dev[:n], a[:n])
             pairs.append((dev[:n], host[:n]))
         self.pending = (writer, day, n, self.t.start_download(pairs))
-        self.in_flight_max = max(self.in_flight_max, 1)
 
     def poll(self) -> bool:
         """Write the snapshot in flight if its copy has finished (never waits). True if written."""
