@@ -7,6 +7,7 @@ the same suite is the CPU check in CI and the GPU check on a GPU machine.
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -28,33 +29,75 @@ requires_gpu = pytest.mark.skipif(not _CUPY_OK, reason=f"no GPU: {_CUPY_WHY}")
 
 
 @pytest.fixture(scope="session")
-def build_host_kernels():
-    """build_host_kernels(tmp_path_factory, name, shim, no_fma=True) -> ctypes.CDLL (see
-    _build_host_kernels)."""
-    return _build_host_kernels
+def build_host_kernels(tmp_path_factory):
+    """build(name, shim) -> ctypes.CDLL: the CUDA sources that ``shim`` (a .cpp in tests/)
+    includes, built for the host with g++ into lib<name>.so and loaded; skips where g++ is missing.
 
-
-def _build_host_kernels(tmp_path_factory, name: str, shim: Path, no_fma: bool = True):
-    """The CUDA sources that ``shim`` (a .cpp in tests/) includes, built for the host with g++
-    into lib<name>.so and loaded (ctypes.CDLL); skips the test where g++ is missing.
-
-    The shim supplies the CUDA built-ins (tests/fields/cuda_host_shim.cpp); no_fma adds
-    -ffp-contract=off, as NVRTC's --fmad=false, so float arithmetic rounds as NumPy's does.
+    The shim supplies the CUDA built-ins (tests/fields/cuda_host_shim.cpp); -ffp-contract=off, as
+    NVRTC's --fmad=false, keeps fused multiply-adds out, so float arithmetic rounds as NumPy's.
     """
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found: no host emulation of the CUDA kernels")
-    out = tmp_path_factory.mktemp(f"emu_{name}") / f"lib{name}.so"
-    flags = ["-std=c++20", "-O1", *(["-ffp-contract=off"] if no_fma else []), "-shared", "-fPIC"]
-    inc = [f"-I{bk.kernel_dir()}", f"-I{Path(__file__).resolve().parent / 'fields'}"]
-    res = subprocess.run(
-        [cxx, *flags, *inc, str(shim), "-o", str(out), "-pthread"], capture_output=True, text=True
-    )
-    assert res.returncode == 0, res.stderr
-    lib = ctypes.CDLL(str(out))
-    lib.emu_set_1d.argtypes = [ctypes.c_uint] * 6
-    lib.emu_set_1d.restype = None
-    return lib
+
+    def build(name: str, shim: Path):
+        cxx = shutil.which("g++")
+        if cxx is None:
+            pytest.skip("g++ not found: no host emulation of the CUDA kernels")
+        out = tmp_path_factory.mktemp(f"emu_{name}") / f"lib{name}.so"
+        flags = ["-std=c++20", "-O1", "-ffp-contract=off", "-shared", "-fPIC"]
+        inc = [f"-I{bk.kernel_dir()}", f"-I{Path(__file__).resolve().parent / 'fields'}"]
+        res = subprocess.run(
+            [cxx, *flags, *inc, str(shim), "-o", str(out), "-pthread"], capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr
+        lib = ctypes.CDLL(str(out))
+        lib.emu_set_1d.argtypes = [ctypes.c_uint] * 6
+        lib.emu_set_1d.restype = None
+        return lib
+
+    return build
+
+
+#: C types of kernel parameters -> NumPy dtypes (pointers) and scalar types (values)
+KERNEL_PTR_TYPES = {
+    "float": np.float32,
+    "double": np.float64,
+    "unsigned char": np.uint8,
+    "int": np.int32,
+    "unsigned int": np.uint32,
+    "i64": np.int64,
+    "long long": np.int64,
+    "unsigned long long": np.uint64,
+}
+KERNEL_SCALAR_TYPES = {
+    "int": np.int32,
+    "unsigned int": np.uint32,
+    "i64": np.int64,
+    "long long": np.int64,
+    "float": np.float32,
+    "double": np.float64,
+}
+
+
+@pytest.fixture(scope="session")
+def kernel_signatures():
+    """signatures(filename) -> {kernel: [("ptr", dtype, const) or ("val", scalar type, False)]}
+    for every extern "C" kernel of kernels/<filename>."""
+
+    def signatures(filename: str) -> dict[str, list[tuple]]:
+        src = bk.kernel_source(filename)
+        sigs = {}
+        for name, params in re.findall(r'extern "C" __global__ void (\w+)\s*\(([^)]*)\)', src):
+            kinds = []
+            for p in params.split(","):
+                toks = p.replace("__restrict__", " ").replace("*", " * ").split()
+                base = " ".join(t for t in toks[:-1] if t not in ("const", "*"))
+                if "*" in toks:
+                    kinds.append(("ptr", np.dtype(KERNEL_PTR_TYPES[base]), "const" in toks))
+                else:
+                    kinds.append(("val", KERNEL_SCALAR_TYPES[base], False))
+            sigs[name] = kinds
+        return sigs
+
+    return signatures
 
 
 def nvrtc_available() -> bool:

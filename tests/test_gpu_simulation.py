@@ -25,8 +25,10 @@ from tissuesim.io import checkpoint
 BASE = ["grid=small", "output.progress=false", "seed=3"]
 
 
-def _sim(backend: str, therapy: str):
-    return tissuesim.Simulation(tissuesim.load_config([*BASE, f"backend={backend}", f"therapy={therapy}"]))
+def _sim(backend: str, therapy: str, *overrides: str):
+    return tissuesim.Simulation(
+        tissuesim.load_config([*BASE, f"backend={backend}", f"therapy={therapy}", *overrides])
+    )
 
 
 def _engage(sim, engagements: int = 150) -> None:
@@ -159,17 +161,12 @@ def test_snapshots_through_pinned_buffers_equal_synchronous_copies(gpu_be, recor
     snapshots, bit for bit, in the same order (deterministic CuPy step: same seed, same launches)."""
     logs = []
     for asynchronous in (True, False):
-        sim = tissuesim.Simulation(
-            tissuesim.load_config(
-                [
-                    *BASE,
-                    "backend=cupy",
-                    "therapy=cd19",
-                    "duration_days=0.1",
-                    "output.snapshot_every_days=0.01",
-                    "output.checkpoint_every_days=0.05",
-                ]
-            )
+        sim = _sim(
+            "cupy",
+            "cd19",
+            "duration_days=0.1",
+            "output.snapshot_every_days=0.01",
+            "output.checkpoint_every_days=0.05",
         )
         sim.async_snapshots = asynchronous
         rec = recorder()

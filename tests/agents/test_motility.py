@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tissuesim.agents import (
+    FLAG_BAD_TYPE,
     FLAG_IN_CLOSED_VOXEL,
     MotilityParams,
     Population,
@@ -322,7 +323,7 @@ def test_flags_collected_on_device_and_read_at_check(be):
     pop = Population(be)
     pop.add(be.asarray(np.array([[5.0, 5.0, 5.0], [25.0, 25.0, 5.0]], np.float32)), be.asarray([0, 3]))
     move(pop, grid, be.asarray(open_), 1.0, 0, 1, [MotilityParams(2.0, 1.0)])  # type 3 has no params
-    assert pop.check_flags() == FLAG_IN_CLOSED_VOXEL | 8
+    assert pop.check_flags() == FLAG_IN_CLOSED_VOXEL | FLAG_BAD_TYPE
     assert pop.check_flags() == 0  # cleared
     move(pop, grid, be.asarray(open_), 1.0, 1, 1, [MotilityParams(2.0, 1.0)])
     with pytest.raises(AgentError):
@@ -349,4 +350,4 @@ def test_numpy_move_in_blocks_of_rows_is_bitwise_one_block(monkeypatch):
     pos[3] = (5.0, 5.0, 5.0)  # block 0: in the closed voxel
     pop.add(pos, np.r_[np.zeros(15, np.uint8), np.uint8(3), np.zeros(4, np.uint8)])  # block 2: no params
     move(pop, grid, open_, 1.0, 0, 1, [MotilityParams(2.0, 1.0)])
-    assert pop.check_flags() == FLAG_IN_CLOSED_VOXEL | 8
+    assert pop.check_flags() == FLAG_IN_CLOSED_VOXEL | FLAG_BAD_TYPE

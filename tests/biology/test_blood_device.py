@@ -111,18 +111,27 @@ def _cfg_course():
     )
 
 
+def _blood_parts():
+    """(biology config, therapy config, {product: target}) of the course below, plain."""
+    cfg = _cfg_course()
+    bio, therapy = plain(cfg.biology), plain(cfg.therapy)
+    return bio, therapy, {p: str(c.target) for p, c in bio.car_products.items()}
+
+
+#: cell types and fields of the stand-alone DeviceBlood checks (all pools, and types without)
+TYPES = ["b_cell", "plasmablast", "cd19_car_t", "macrophage", "bcma_car_t", "anti_car_t"]
+FIELDS = ["ifng", "autoantibody", "il6"]
+
+
 def _course(dt_min: float, days: float, seed: int = 0, collect=None):
     """The seed case's systemic course twice: Blood as the host path drives it (advance, exits by
     Immunology._move_blood) and DeviceBlood on NumPy (pending advance, exits in the blood step),
     with the same random exits. Returns (host Blood, device-driven Blood, reads, event logs)."""
-    cfg = _cfg_course()
-    bio, therapy = plain(cfg.biology), plain(cfg.therapy)
-    products = {p: str(c.target) for p, c in bio.car_products.items()}
-    types_ = ["b_cell", "plasmablast", "cd19_car_t", "macrophage", "bcma_car_t", "anti_car_t"]
+    bio, therapy, products = _blood_parts()
     per = 3.7e-6
     host = Blood(bio.blood, products, therapy)
     dev = Blood(bio.blood, products, therapy)
-    db = DeviceBlood(dev, types_, per, ["ifng", "autoantibody", "il6"], np.float32, NUMPY)
+    db = DeviceBlood(dev, TYPES, per, FIELDS, np.float32, NUMPY)
     mover = types.SimpleNamespace(blood=host, per_ul_per_cell=per)
     sched = [TherapySchedule(therapy), TherapySchedule(therapy)]
     logs: list[list] = [[], []]
@@ -145,9 +154,9 @@ def _course(dt_min: float, days: float, seed: int = 0, collect=None):
                 logs[i].append((ev.day, ev.what))
         assert host.y == dev.y and host.meta_dict() == dev.meta_dict(), k
         assert host.step_grade == dev.step_grade
-        left = rs.poisson(0.3, len(types_)).astype(np.int64) * (rs.random(len(types_)) < 0.5)
+        left = rs.poisson(0.3, len(TYPES)).astype(np.int64) * (rs.random(len(TYPES)) < 0.5)
         for ti in np.flatnonzero(left):
-            Immunology._move_blood(mover, types_[ti], int(left[ti]))
+            Immunology._move_blood(mover, TYPES[ti], int(left[ti]))
         if collect is not None:
             collect.append((db.pack(dev, np.empty_like(db._up_host)), left.copy()))
         out = db.launch(dt_min, left)
@@ -172,10 +181,8 @@ def test_blood_course_through_the_device_step_is_bitwise_the_host_course():
 
 
 @pytest.fixture(scope="module")
-def emu_blood(tmp_path_factory, build_host_kernels):
-    lib = build_host_kernels(
-        tmp_path_factory, "emu_blood", Path(__file__).resolve().parent / "cuda_host_shim_blood.cpp"
-    )
+def emu_blood(build_host_kernels):
+    lib = build_host_kernels("emu_blood", Path(__file__).resolve().parent / "cuda_host_shim_blood.cpp")
     lib.blood_step.restype = None
     return lib
 
@@ -242,8 +249,7 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 def test_kernel_is_bitwise_its_twin_over_the_course(emu_blood):
     samples: list = []
     _, dev, _, _ = _course(dt_min=60.0, days=330.0, seed=1, collect=samples)
-    types_ = ["b_cell", "plasmablast", "cd19_car_t", "macrophage", "bcma_car_t", "anti_car_t"]
-    db = DeviceBlood(dev, types_, 3.7e-4, ["ifng", "autoantibody", "il6"], np.float32, NUMPY)
+    db = DeviceBlood(dev, TYPES, 3.7e-4, FIELDS, np.float32, NUMPY)
     grades, events, relapsed = set(), 0, 0
     for k, (up, left) in enumerate(samples):
         # every step as the run takes it; every 7th also without exits and with another dt
@@ -265,9 +271,7 @@ def test_kernel_edge_cases(emu_blood, f32):
     """Empty B pool (exits into it), exits that empty a pool (clamp at 0), the clone's extinction,
     rituximab present, a fresh product (X mixing is the host's; here X < 1 with E + M = 0),
     tocilizumab given long ago, NaN / infinite meta, float64 fields."""
-    cfg = _cfg_course()
-    bio, therapy = plain(cfg.biology), plain(cfg.therapy)
-    products = {p: str(c.target) for p, c in bio.car_products.items()}
+    bio, therapy, products = _blood_parts()
     b = Blood(bio.blood, products, therapy)
     types_ = ["b_cell", "cd19_car_t", "bcma_car_t", "plasma_cell"]
     db = DeviceBlood(b, types_, 0.01, ["il6", "autoantibody"], np.float32 if f32 else np.float64, NUMPY)
@@ -313,9 +317,7 @@ def test_kernel_decisions_at_their_boundaries(emu_blood):
     advanced B-cell count), where < and <= (> and >=) part: the kernel decides as the host."""
     import dataclasses
 
-    cfg = _cfg_course()
-    bio, therapy = plain(cfg.biology), plain(cfg.therapy)
-    products = {p: str(c.target) for p, c in bio.car_products.items()}
+    bio, therapy, products = _blood_parts()
     types_ = ["b_cell", "cd19_car_t", "bcma_car_t"]
     samples: list = []
     _course(dt_min=60.0, days=120.0, seed=5, collect=samples)
@@ -369,9 +371,7 @@ def test_pending_advance_is_redone_when_the_host_changed_anything():
     kernel reads changed on the host in between and the step and dt are the ones it was made
     for: here a change of the treated flag alone, of an anti-CAR growth rate alone, or a step or
     dt other than expected makes it launch again (a read), and the result is the host's."""
-    cfg = _cfg_course()
-    bio, therapy = plain(cfg.biology), plain(cfg.therapy)
-    products = {p: str(c.target) for p, c in bio.car_products.items()}
+    bio, therapy, products = _blood_parts()
     host, dev = Blood(bio.blood, products, therapy), Blood(bio.blood, products, therapy)
     db = DeviceBlood(dev, ["b_cell"], 3.7e-4, ["il6"], np.float32, NUMPY)
     for b in (host, dev):
@@ -404,7 +404,9 @@ def test_pending_advance_is_redone_when_the_host_changed_anything():
 # --------------------------------------------------------------------------- the CuPy path, emulated
 
 _STREAM = object()
-_PINNED: set[int] = set()  # addresses of the pinned buffers handed out
+#: the pinned buffers handed out by the current fake_cupy, by address (kept alive, so no other
+#: array can take an address while it is listed)
+_PINNED: dict[int, np.ndarray] = {}
 
 
 class _DevArray(np.ndarray):
@@ -424,23 +426,8 @@ class _DevArray(np.ndarray):
         return _Ptr()
 
 
-def _blood_signature() -> list[tuple]:
-    """blood_step's parameters from kernels/blood.cu: ("ptr", dtype, const) or ("val", type)."""
-    import re
-
-    src = bk.kernel_source("blood.cu")
-    (params,) = re.findall(r'extern "C" __global__ void blood_step\s*\(([^)]*)\)', src)
-    ptr = {"double": np.float64, "i64": np.int64, "int": np.int32}
-    out = []
-    for p in params.split(","):
-        toks = p.replace("__restrict__", " ").replace("*", " * ").split()
-        base = " ".join(t for t in toks[:-1] if t not in ("const", "*"))
-        out.append(("ptr", np.dtype(ptr[base]), "const" in toks) if "*" in toks else ("val", ptr[base]))
-    return out
-
-
 @pytest.fixture
-def fake_cupy(emu_blood, monkeypatch):
+def fake_cupy(emu_blood, monkeypatch, kernel_signatures):
     """A Backend named cupy whose arrays are _DevArray and whose blood_step is the host build."""
     import sys
 
@@ -455,13 +442,15 @@ def fake_cupy(emu_blood, monkeypatch):
     xp.asnumpy = lambda a: np.array(a)
     xp.cuda = types.SimpleNamespace(get_current_stream=lambda: _STREAM)
 
+    _PINNED.clear()
+
     def empty_pinned(shape, dtype):
         a = np.empty(shape, dtype)
-        _PINNED.add(a.ctypes.data)
+        _PINNED[a.ctypes.data] = a
         return a
 
     monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace(empty_pinned=empty_pinned))
-    sig = _blood_signature()
+    sig = kernel_signatures("blood.cu")["blood_step"]
     launches = []
 
     def kernel(grid, block, args):
@@ -494,10 +483,9 @@ def test_cupy_path_of_the_device_blood_equals_the_host_course(fake_cupy):
     random exits like the NumPy bookkeeping test: the same Blood states as the host path."""
     samples: list = []
     _, dev, _, _ = _course(dt_min=60.0, days=40.0, seed=4, collect=samples)
-    types_ = ["b_cell", "plasmablast", "cd19_car_t", "macrophage", "bcma_car_t", "anti_car_t"]
-    fields = ["ifng", "autoantibody", "il6"]
-    ref = DeviceBlood(dev, types_, 3.7e-4, fields, np.float32, NUMPY)
-    gpu = DeviceBlood(dev, types_, 3.7e-4, fields, np.float32, fake_cupy.be)
+    fields = FIELDS
+    ref = DeviceBlood(dev, TYPES, 3.7e-4, fields, np.float32, NUMPY)
+    gpu = DeviceBlood(dev, TYPES, 3.7e-4, fields, np.float32, fake_cupy.be)
     assert isinstance(gpu.out, _DevArray) and isinstance(gpu.cb, _DevArray)
     for up, left in samples:
         out = fake_cupy.be.asnumpy(gpu.launch(60.0, fake_cupy.dev(left), state=up))
@@ -517,10 +505,9 @@ def test_blood_kernel_on_the_gpu_equals_its_twin(gpu_be):
     and exp may differ from glibc's by an ulp). Skipped without a GPU."""
     samples: list = []
     _, dev, _, _ = _course(dt_min=60.0, days=330.0, seed=2, collect=samples)
-    types_ = ["b_cell", "plasmablast", "cd19_car_t", "macrophage", "bcma_car_t", "anti_car_t"]
-    fields = ["ifng", "autoantibody", "il6"]
-    ref = DeviceBlood(dev, types_, 3.7e-4, fields, np.float32, NUMPY)
-    gpu = DeviceBlood(dev, types_, 3.7e-4, fields, np.float32, gpu_be)
+    fields = FIELDS
+    ref = DeviceBlood(dev, TYPES, 3.7e-4, fields, np.float32, NUMPY)
+    gpu = DeviceBlood(dev, TYPES, 3.7e-4, fields, np.float32, gpu_be)
     nv = ref.nv
     grades = set()
     for k, (up, left) in enumerate(samples[::5]):

@@ -131,11 +131,8 @@ class _EmulatedKernel:
 
 
 @pytest.fixture(scope="module")
-def emu_lib(tmp_path_factory, build_host_kernels):
-    # built as before this helper existed: without -ffp-contract=off (tolerances allow for it)
-    return build_host_kernels(
-        tmp_path_factory, "emu", Path(__file__).with_name("cuda_host_shim.cpp"), no_fma=False
-    )
+def emu_lib(build_host_kernels):
+    return build_host_kernels("emu", Path(__file__).with_name("cuda_host_shim.cpp"))
 
 
 @pytest.fixture(params=["gpu", "emulated"])
