@@ -100,6 +100,92 @@ def kernel_signatures():
     return signatures
 
 
+_CTYPE = {
+    np.int32: ctypes.c_int32,
+    np.uint32: ctypes.c_uint32,
+    np.int64: ctypes.c_int64,
+    np.float32: ctypes.c_float,
+    np.float64: ctypes.c_double,
+}
+EMU_GUARD = 64  # poisoned bytes on each side of every array handed to an emulated kernel
+# float32 guards read as 3.4e38 and float64 ones as NaN (an out-of-bounds read shows in the
+# results), others as 0xA5A5...
+_POISON = {np.dtype(np.float32): 0x7F, np.dtype(np.float64): 0xFF}
+
+
+def _thread_order(order: str, nthreads: int, seed: int) -> np.ndarray:
+    t = np.arange(nthreads)
+    if order == "reverse":
+        return t[::-1]
+    if order == "shuffle":
+        return np.random.default_rng(seed).permutation(nthreads)
+    return t
+
+
+class EmulatedKernel:
+    """Stands in for a cupy.RawKernel whose source was built for the host (build_host_kernels):
+    same call, strict checks, host run.
+
+    ``sig`` is the kernel's entry of kernel_signatures; ``order`` is "forward", "reverse" or
+    "shuffle" (the order the threads of the real grid run in, one by one); each call appends
+    (name, args) to ``log``. Checks: argument count, pointer dtypes and C-contiguity, scalar types,
+    a 1D launch shape; every array runs inside poisoned guard bytes that must come back untouched
+    (out-of-bounds writes), const arrays must come back unchanged and no written array may alias
+    another argument (__restrict__)."""
+
+    def __init__(self, lib, name: str, sig: list[tuple], order: str, log: list):
+        self.lib, self.name, self.sig, self.order, self.log = lib, name, sig, order, log
+
+    def __call__(self, grid, block, args):
+        nm = self.name
+        assert isinstance(args, tuple), f"{nm}: arguments as {type(args)}"
+        assert len(args) == len(self.sig), f"{nm}: {len(args)} arguments, signature has {len(self.sig)}"
+        grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+        assert all(isinstance(g, int) and g >= 1 for g in grid + block), (grid, block)
+        assert grid[1:] == (1, 1) and block[1:] == (1, 1), f"{nm}: the kernels index in x only"
+        assert block[0] <= 1024 and grid[0] < 2**31
+        cargs, arrays = [], []
+        for k, ((kind, t, const), a) in enumerate(zip(self.sig, args)):
+            if kind == "ptr":
+                assert isinstance(a, np.ndarray), f"{nm} arg {k}: pointer argument is {type(a)}"
+                assert a.dtype == t, f"{nm} arg {k}: array of {a.dtype} where {t} expected"
+                assert a.flags.c_contiguous, f"{nm} arg {k}: non-contiguous array"
+                raw = a.reshape(-1).view(np.uint8)
+                poison = _POISON.get(a.dtype, 0xA5)
+                buf = np.full(raw.size + 2 * EMU_GUARD, poison, dtype=np.uint8)
+                buf[EMU_GUARD : EMU_GUARD + raw.size] = raw
+                arrays.append((k, a, raw, buf, poison, const, raw.copy() if const else None))
+                cargs.append(ctypes.c_void_p(buf.ctypes.data + EMU_GUARD))
+            else:
+                assert type(a) is t, f"{nm} arg {k}: scalar {a!r} ({type(a)}) where {t} expected"
+                cargs.append(_CTYPE[t](a))
+        # __restrict__ (and plain sanity): an array written by the kernel aliases no other argument
+        for x, (kx, ax, *_, cx, _bx) in enumerate(arrays):
+            for ky, ay, *_, cy, _by in arrays[x + 1 :]:
+                if not (cx and cy):
+                    assert not np.may_share_memory(ax, ay), f"{nm}: arguments {kx} and {ky} overlap"
+        fn = getattr(self.lib, nm)
+        nb, bs = grid[0], block[0]
+        for t in _thread_order(self.order, nb * bs, len(self.log)).tolist():
+            self.lib.emu_set_1d(nb, 1, bs, t // bs, 0, t % bs)
+            fn(*cargs)
+        for k, _a, raw, buf, poison, const, before in arrays:
+            assert (buf[:EMU_GUARD] == poison).all(), f"{nm}: write before the start of argument {k}"
+            assert (buf[EMU_GUARD + raw.size :] == poison).all(), f"{nm}: write past the end of argument {k}"
+            body = buf[EMU_GUARD : EMU_GUARD + raw.size]
+            if const:
+                assert np.array_equal(body, before), f"{nm}: const argument {k} was written"
+            else:
+                raw[...] = body
+        self.log.append((nm, args))
+
+
+@pytest.fixture(scope="session")
+def emulated_kernel():
+    """The EmulatedKernel class, for tests that drive host-built kernels through CuPy code."""
+    return EmulatedKernel
+
+
 def nvrtc_available() -> bool:
     try:
         from cupy_backends.cuda.libs import nvrtc

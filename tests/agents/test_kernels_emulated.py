@@ -4,7 +4,8 @@ No GPU is needed: the kernel source is built with g++ together with tests/fields
 cuda_host_shim.cpp (threadIdx/blockIdx, integer atomics, __float_as_uint, __umulhi, ...; see
 tests/agents/cuda_host_shim_agents.cpp) and driven by the real CuPy-path Python code
 (build_cell_list, contacts, crowd_displacement, claim_targets, move, _kernels.launch) through a
-fake "cupy" backend whose kernels are the emulated ones. The stand-in kernel
+fake "cupy" backend whose kernels are the emulated ones. The stand-in kernel (conftest's
+EmulatedKernel)
 
 - checks every launch argument against the C signature parsed from agents.cu (pointer dtypes and
   C-contiguity, np.int32/np.uint32/np.int64/np.float32 scalars), the options and the launch shape;
@@ -19,7 +20,6 @@ flags); float outputs to float32 tolerance (summation order and libm vs NumPy tr
 
 from __future__ import annotations
 
-import ctypes
 import types
 from pathlib import Path
 
@@ -42,76 +42,6 @@ from tissuesim.grid import Grid
 
 KERNELS = set(K.KERNEL_NAMES)
 
-_CTYPE = {
-    np.int32: ctypes.c_int32,
-    np.uint32: ctypes.c_uint32,
-    np.int64: ctypes.c_int64,
-    np.float32: ctypes.c_float,
-    np.float64: ctypes.c_double,
-}
-GUARD = 64  # poisoned bytes on each side of every array handed to a kernel
-# float guards read as 3.4e38 (an out-of-bounds read shows in the results), others as 0xA5A5...
-_POISON = {np.dtype(np.float32): 0x7F}
-
-
-def _thread_order(order: str, nthreads: int, seed: int) -> np.ndarray:
-    t = np.arange(nthreads)
-    if order == "reverse":
-        return t[::-1]
-    if order == "shuffle":
-        return np.random.default_rng(seed).permutation(nthreads)
-    return t
-
-
-class _EmulatedKernel:
-    """Stands in for a cupy.RawKernel of agents.cu: same call, strict checks, host run."""
-
-    def __init__(self, lib, name: str, sig: list[tuple], order: str, log: list):
-        self.lib, self.name, self.sig, self.order, self.log = lib, name, sig, order, log
-
-    def __call__(self, grid, block, args):
-        nm = self.name
-        assert isinstance(args, tuple), f"{nm}: arguments as {type(args)}"
-        assert len(args) == len(self.sig), f"{nm}: {len(args)} arguments, signature has {len(self.sig)}"
-        grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
-        assert all(isinstance(g, int) and g >= 1 for g in grid + block), (grid, block)
-        assert grid[1:] == (1, 1) and block[1:] == (1, 1), f"{nm}: the kernels index in x only"
-        assert block[0] <= 1024 and grid[0] < 2**31
-        cargs, arrays = [], []
-        for k, ((kind, t, const), a) in enumerate(zip(self.sig, args)):
-            if kind == "ptr":
-                assert isinstance(a, np.ndarray), f"{nm} arg {k}: pointer argument is {type(a)}"
-                assert a.dtype == t, f"{nm} arg {k}: array of {a.dtype} where {t} expected"
-                assert a.flags.c_contiguous, f"{nm} arg {k}: non-contiguous array"
-                raw = a.reshape(-1).view(np.uint8)
-                poison = _POISON.get(a.dtype, 0xA5)
-                buf = np.full(raw.size + 2 * GUARD, poison, dtype=np.uint8)
-                buf[GUARD : GUARD + raw.size] = raw
-                arrays.append((k, a, raw, buf, poison, const, raw.copy() if const else None))
-                cargs.append(ctypes.c_void_p(buf.ctypes.data + GUARD))
-            else:
-                assert type(a) is t, f"{nm} arg {k}: scalar {a!r} ({type(a)}) where {t} expected"
-                cargs.append(_CTYPE[t](a))
-        # __restrict__ (and plain sanity): an array written by the kernel aliases no other argument
-        for x, (kx, ax, *_, cx, _bx) in enumerate(arrays):
-            for ky, ay, *_, cy, _by in arrays[x + 1 :]:
-                if not (cx and cy):
-                    assert not np.may_share_memory(ax, ay), f"{nm}: arguments {kx} and {ky} overlap"
-        fn = getattr(self.lib, nm)
-        nb, bs = grid[0], block[0]
-        for t in _thread_order(self.order, nb * bs, len(self.log)).tolist():
-            self.lib.emu_set_1d(nb, 1, bs, t // bs, 0, t % bs)
-            fn(*cargs)
-        for k, _a, raw, buf, poison, const, before in arrays:
-            assert (buf[:GUARD] == poison).all(), f"{nm}: write before the start of argument {k}"
-            assert (buf[GUARD + raw.size :] == poison).all(), f"{nm}: write past the end of argument {k}"
-            body = buf[GUARD : GUARD + raw.size]
-            if const:
-                assert np.array_equal(body, before), f"{nm}: const argument {k} was written"
-            else:
-                raw[...] = body
-        self.log.append((nm, args))
-
 
 @pytest.fixture(scope="module")
 def emu_lib(build_host_kernels):
@@ -119,7 +49,7 @@ def emu_lib(build_host_kernels):
 
 
 @pytest.fixture(params=["forward", "reverse", "shuffle"])
-def dev(request, emu_lib, monkeypatch, kernel_signatures):
+def dev(request, emu_lib, monkeypatch, kernel_signatures, emulated_kernel):
     """A fake cupy backend whose agents kernels run emulated, threads in the given order."""
     sigs = kernel_signatures(K.FILENAME)
     xp = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
@@ -130,7 +60,7 @@ def dev(request, emu_lib, monkeypatch, kernel_signatures):
     def get_kernel(be, filename, name, options=(), name_expressions=None):
         assert be is fake and filename == "agents.cu" and name_expressions is None
         assert tuple(options) == ("--fmad=false",), options
-        return _EmulatedKernel(emu_lib, name, sigs[name], request.param, log)
+        return emulated_kernel(emu_lib, name, sigs[name], request.param, log)
 
     monkeypatch.setattr(K, "get_kernel", get_kernel)
     return types.SimpleNamespace(be=fake, xp=xp, log=log)
@@ -490,6 +420,19 @@ def test_init_velocity_fill_matches_twin(dev, grid):
     assert len(_launched(dev, "init_velocity_fill")) == 1
 
 
+def _fates_population(be, typ, state, last_kill=None, pos=None, spare=3):
+    """A Population on ``be`` holding the given cells with the ``last_kill`` column the
+    Simulation registers for the fate rules (minutes; -1e30 = never killed)."""
+    xp, n = be.xp, len(typ)
+    pop = Population(be, capacity=n + spare)
+    pop.register("last_kill", np.float32, fill=-1e30)
+    pos = np.zeros((n, 3), np.float32) if pos is None else pos
+    pop.add(xp.asarray(pos), xp.asarray(typ), state=xp.asarray(state))
+    if last_kill is not None:
+        pop["last_kill"][:n] = xp.asarray(last_kill)
+    return pop
+
+
 @pytest.mark.parametrize("dt_min", [1.0, 900.0])
 def test_cell_fates_kernel_matches_twin(dev, dt_min):
     """rules.cell_fates through its device path (one cell_fates launch) takes the decisions of
@@ -514,10 +457,7 @@ def test_cell_fates_kernel_matches_twin(dev, dt_min):
     out = []
     for be in (NUMPY, dev.be):
         xp = be.xp
-        pop = Population(be, capacity=n + 7)
-        pop.register("last_kill", np.float32, fill=-1e30)
-        pop.add(xp.asarray(pos), xp.asarray(typ), state=xp.asarray(state))
-        pop["last_kill"][:n] = xp.asarray(last_kill)
+        pop = _fates_population(be, typ, state, last_kill, pos=pos)
         tables = rules.fate_tables(
             nt, dt_min, imm.table.death_per_min, imm.idx, imm.rates, imm.cd20, imm.car_mask, xp
         )
@@ -596,10 +536,7 @@ def test_cell_fates_kernel_decides_boundary_cases_as_the_twin(dev, dt_min):
     out = []
     for be in (NUMPY, dev.be):
         xp = be.xp
-        pop = Population(be, capacity=n + 3)
-        pop.register("last_kill", np.float32, fill=-1e30)
-        pop.add(xp.asarray(np.zeros((n, 3), np.float32)), xp.asarray(typ), state=xp.asarray(state))
-        pop["last_kill"][:n] = xp.asarray(lk)
+        pop = _fates_population(be, typ, state, lk)
         tb = rules.fate_tables(
             nt, dt_min, imm.table.death_per_min, imm.idx, rates, imm.cd20, imm.car_mask, xp
         )
@@ -623,19 +560,25 @@ def test_cell_fates_kernel_leaves_types_without_tables_alone(dev):
     sim = tissuesim.Simulation(tissuesim.load_config(["grid=tiny", "backend=numpy", "output.progress=false"]))
     imm = sim.immunology
     nt = len(sim.cell_types)
-    xp = dev.xp
-    pop = Population(dev.be, capacity=8)
-    pop.register("last_kill", np.float32, fill=-1e30)
     typ = np.array([nt, nt + 5, 255], np.uint8)
-    pop.add(xp.asarray(np.zeros((3, 3), np.float32)), xp.asarray(typ), state=xp.asarray(np.ones(3, np.uint8)))
     u = np.zeros((4, 3), np.float32)  # would decide everything that has a rate
-    tb = rules.fate_tables(nt, 900.0, imm.table.death_per_min, imm.idx, imm.rates, imm.cd20, imm.car_mask, xp)
-    dead, div = rules.cell_fates(
-        pop, u, 900.0, 10.0, imm.table.death_per_min, imm.idx, imm.rates,
-        np.ones(3, np.float32), np.ones(3, np.float32), 0.0, imm.cd20, imm.car_mask, tables=tb,
-    )  # fmt: skip
+
+    def fates(be):
+        pop = _fates_population(be, typ, np.ones(3, np.uint8))
+        tb = rules.fate_tables(
+            nt, 900.0, imm.table.death_per_min, imm.idx, imm.rates, imm.cd20, imm.car_mask, be.xp
+        )
+        dead, div = rules.cell_fates(
+            pop, be.xp.asarray(u), 900.0, 10.0, imm.table.death_per_min, imm.idx, imm.rates,
+            np.ones(3, np.float32), np.ones(3, np.float32), 0.0, imm.cd20, imm.car_mask, tables=tb,
+        )  # fmt: skip
+        return pop, dead, div
+
+    pop, dead, div = fates(dev.be)
     assert not np.asarray(dead).any() and not np.asarray(div).any()
     assert np.array_equal(np.asarray(pop.type[:3]), typ) and (np.asarray(pop.state[:3]) == 1).all()
+    with pytest.raises(IndexError):
+        fates(NUMPY)
 
 
 def test_extravasate_fill_picks_among_a_million_sites_in_double(dev):
@@ -654,6 +597,7 @@ def test_extravasate_fill_picks_among_a_million_sites_in_double(dev):
         pops.append(pop)
     a, b = pops
     assert np.asarray(a.position[: a.n]).tobytes() == np.asarray(b.position[: b.n]).tobytes()
+    assert len(_launched(dev, "extravasate_fill")) == 1  # the kernel placed them, not a fallback
 
 
 def test_launch_skips_empty(dev):

@@ -187,49 +187,31 @@ def emu_blood(build_host_kernels):
     return lib
 
 
-GUARD = 16
+@pytest.fixture(scope="module")
+def blood_kernel(emu_blood, kernel_signatures, emulated_kernel):
+    """run(db, up, left, dt_min, apply_exits) -> (out, cb) float64: blood_step built for the host,
+    called through conftest's EmulatedKernel (argument types from blood.cu, guard bytes checked,
+    const inputs left alone)."""
+    sig = kernel_signatures("blood.cu")["blood_step"]
+    return lambda *a: _kernel(emu_blood, sig, emulated_kernel, *a)
 
 
-def _guarded(a: np.ndarray):
-    """a copy of ``a`` inside NaN / 0x5A guard elements; returns (buffer, view of the body)."""
-    fill = np.nan if a.dtype.kind == "f" else 0x5A5A5A5A
-    buf = np.full(a.size + 2 * GUARD, fill, dtype=a.dtype)
-    buf[GUARD:-GUARD] = a.reshape(-1)
-    return buf, buf[GUARD:-GUARD]
-
-
-def _kernel(lib, db: DeviceBlood, up, left, dt_min: float, apply_exits: bool):
-    """blood_step on the host: (out, cb) float64, with guards checked and inputs left alone."""
-    n_out = 2 * db.nv + OUT_META
-    arrays = {
-        "up": np.array(up, dtype=np.float64),
-        "left": np.array(left, dtype=np.int64),
-        "prm": db.prm.copy(),
-        "iprm": db.iprm.copy(),
-        "out": np.full(n_out, -7.0),
-        "cb": np.full(len(db.field_names), -7.0),
-    }
-    bufs = {k: _guarded(a) for k, a in arrays.items()}
-    ptr = {k: ctypes.c_void_p(b.ctypes.data + GUARD * b.itemsize) for k, (b, _) in bufs.items()}
-    lib.emu_set_1d(1, 1, 1, 0, 0, 0)
-    lib.blood_step(
-        ptr["up"],
-        ptr["left"],
-        ptr["prm"],
-        ptr["iprm"],
-        ctypes.c_double(dt_min),
-        ctypes.c_int(int(apply_exits)),
-        ctypes.c_int(int(db.cb_f32)),
-        ptr["out"],
-        ptr["cb"],
+def _kernel(lib, sig, emulated_kernel, db: DeviceBlood, up, left, dt_min: float, apply_exits: bool):
+    out = np.full(2 * db.nv + OUT_META, -7.0)
+    cb = np.full(len(db.field_names), -7.0)
+    args = (
+        np.array(up, dtype=np.float64),
+        np.array(left, dtype=np.int64),
+        db.prm.copy(),
+        db.iprm.copy(),
+        np.float64(dt_min),
+        np.int32(int(apply_exits)),
+        np.int32(int(db.cb_f32)),
+        out,
+        cb,
     )
-    for k, (b, body) in bufs.items():
-        g = np.concatenate([b[:GUARD], b[-GUARD:]])
-        ok = np.isnan(g).all() if b.dtype.kind == "f" else (g == 0x5A5A5A5A).all()
-        assert ok, f"blood_step wrote outside argument {k}"
-        if k in ("up", "left", "prm", "iprm"):
-            assert body.tobytes() == arrays[k].tobytes(), f"blood_step wrote its input {k}"
-    return bufs["out"][1].copy(), bufs["cb"][1].copy()
+    emulated_kernel(lib, "blood_step", sig, "forward", [])((1,), (1,), args)
+    return out, cb
 
 
 def _host(db: DeviceBlood, up, left, dt_min: float, apply_exits: bool):
@@ -246,7 +228,7 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return a.tobytes() == b.tobytes()
 
 
-def test_kernel_is_bitwise_its_twin_over_the_course(emu_blood):
+def test_kernel_is_bitwise_its_twin_over_the_course(blood_kernel):
     samples: list = []
     _, dev, _, _ = _course(dt_min=60.0, days=330.0, seed=1, collect=samples)
     db = DeviceBlood(dev, TYPES, 3.7e-4, FIELDS, np.float32, NUMPY)
@@ -254,7 +236,7 @@ def test_kernel_is_bitwise_its_twin_over_the_course(emu_blood):
     for k, (up, left) in enumerate(samples):
         # every step as the run takes it; every 7th also without exits and with another dt
         for dt, exits in ((60.0, True),) + (((1.0, False),) if k % 7 == 0 else ()):
-            ko, kc = _kernel(emu_blood, db, up, left, dt, exits)
+            ko, kc = blood_kernel(db, up, left, dt, exits)
             ho, hc = _host(db, up, left, dt, exits)
             assert _same(ko, ho), (k, dt, np.flatnonzero(ko.view(np.int64) != ho.view(np.int64)))
             assert _same(kc, hc), k
@@ -267,7 +249,7 @@ def test_kernel_is_bitwise_its_twin_over_the_course(emu_blood):
 
 
 @pytest.mark.parametrize("f32", [True, False])
-def test_kernel_edge_cases(emu_blood, f32):
+def test_kernel_edge_cases(blood_kernel, f32):
     """Empty B pool (exits into it), exits that empty a pool (clamp at 0), the clone's extinction,
     rituximab present, a fresh product (X mixing is the host's; here X < 1 with E + M = 0),
     tocilizumab given long ago, NaN / infinite meta, float64 fields."""
@@ -302,7 +284,7 @@ def test_kernel_edge_cases(emu_blood, f32):
     clamped = 0
     for up, left in cases:
         for dt in (1.0, 30.0):
-            ko, kc = _kernel(emu_blood, db, up, left, dt, True)
+            ko, kc = blood_kernel(db, up, left, dt, True)
             ho, hc = _host(db, up, left, dt, True)
             assert _same(ko, ho), (up, left, dt)
             assert _same(kc, hc)
@@ -310,7 +292,7 @@ def test_kernel_edge_cases(emu_blood, f32):
     assert clamped > 20  # exits emptied pools in many cases
 
 
-def test_kernel_decisions_at_their_boundaries(emu_blood):
+def test_kernel_decisions_at_their_boundaries(blood_kernel):
     """The CRS grade, the clone's extinction and relapse detection each compare a value with a
     threshold. Here each threshold is set to exactly the value the step reaches (grade 3 at the
     effective IL-6, extinction at the advanced autoreactive pool, the relapse level at the
@@ -356,7 +338,7 @@ def test_kernel_decisions_at_their_boundaries(emu_blood):
             np.float32,
             NUMPY,
         )
-        ko, kc = _kernel(emu_blood, edge, up, left, 60.0, True)
+        ko, kc = blood_kernel(edge, up, left, 60.0, True)
         ho, hc = _host(edge, up, left, 60.0, True)
         assert _same(ko, ho) and _same(kc, hc)
         if "crs_il6_thresholds_pg_per_ml" in changes:
@@ -427,7 +409,7 @@ class _DevArray(np.ndarray):
 
 
 @pytest.fixture
-def fake_cupy(emu_blood, monkeypatch, kernel_signatures):
+def fake_cupy(emu_blood, monkeypatch, kernel_signatures, emulated_kernel):
     """A Backend named cupy whose arrays are _DevArray and whose blood_step is the host build."""
     import sys
 
@@ -452,22 +434,15 @@ def fake_cupy(emu_blood, monkeypatch, kernel_signatures):
     monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace(empty_pinned=empty_pinned))
     sig = kernel_signatures("blood.cu")["blood_step"]
     launches = []
+    emulated = emulated_kernel(emu_blood, "blood_step", sig, "forward", launches)
 
     def kernel(grid, block, args):
         assert tuple(grid) == (1,) and tuple(block) == (1,)
-        assert len(args) == len(sig)
-        cargs = []
-        for (kind, t, *_), a in zip(sig, args):
-            if kind == "ptr":
-                assert isinstance(a, _DevArray), f"host array {type(a)} passed to the kernel"
-                assert a.dtype == t and a.flags.c_contiguous
-                cargs.append(ctypes.c_void_p(a.ctypes.data))
-            else:
-                assert type(a) is t, f"scalar {a!r} where {t} expected"
-                cargs.append(ctypes.c_double(a) if t is np.float64 else ctypes.c_int(a))
-        emu_blood.emu_set_1d(1, 1, 1, 0, 0, 0)
-        emu_blood.blood_step(*cargs)
-        launches.append(args)
+        for a in args:
+            assert not isinstance(a, np.ndarray) or isinstance(a, _DevArray), (
+                "host array passed to the kernel"
+            )
+        emulated(grid, block, args)
 
     def get_kernel(be, filename, name, options=(), name_expressions=None):
         assert (filename, name, tuple(options)) == ("blood.cu", "blood_step", ("--fmad=false",))
