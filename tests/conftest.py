@@ -186,6 +186,93 @@ def emulated_kernel():
     return EmulatedKernel
 
 
+_DIFFUSION_C_TYPES = {
+    "const T*": "pT",
+    "T*": "pT",
+    "const int*": "pi",
+    "int*": "pi",
+    "const double*": "pd",
+    "double*": "pd",
+    "int": "i32",
+    "i64": "i64",
+    "T": "T",
+    "double": "f64",
+}
+
+
+def _diffusion_signatures() -> dict[str, list[str]]:
+    """Parameter kinds of every extern "C" kernel, parsed from kernels/diffusion.cu."""
+    src = bk.kernel_source("diffusion.cu")
+    sigs = {}
+    for name, params in re.findall(r'extern "C" __global__ void (\w+)_##SFX\(([^)]*)\)', src):
+        kinds = []
+        for p in params.replace("\\", " ").split(","):
+            ctype = " ".join(p.split()[:-1]).replace(" *", "*")
+            kinds.append(_DIFFUSION_C_TYPES[ctype])
+        sigs[name] = kinds
+    return sigs
+
+
+class _FieldsEmulatedKernel:
+    """Stands in for a cupy.RawKernel of diffusion.cu (built with tests/fields/cuda_host_shim.cpp):
+    same call convention, strict argument checks, host run."""
+
+    def __init__(self, lib, name: str, sfx: str, sig: list[str]):
+        self.lib, self.name, self.sfx, self.sig = lib, name, sfx, sig
+        self.T = np.float32 if sfx == "f32" else np.float64
+
+    def _convert(self, kind, a):
+        arrays = {"pT": self.T, "pi": np.int32, "pd": np.float64}
+        scalars = {"i32": np.int32, "i64": np.int64, "T": self.T, "f64": np.float64}
+        if kind in arrays:
+            assert isinstance(a, np.ndarray), f"{self.name}: pointer argument is {type(a)}"
+            assert a.dtype == arrays[kind], f"{self.name}: array of {a.dtype} where {arrays[kind]} expected"
+            assert a.flags.c_contiguous, f"{self.name}: non-contiguous array"
+            return ctypes.c_void_p(a.ctypes.data)
+        assert type(a) is scalars[kind], (
+            f"{self.name}: scalar {a!r} ({type(a)}) where {scalars[kind]} expected"
+        )
+        ct = {
+            np.int32: ctypes.c_int32,
+            np.int64: ctypes.c_int64,
+            np.float32: ctypes.c_float,
+            np.float64: ctypes.c_double,
+        }
+        return ct[scalars[kind]](a)
+
+    def __call__(self, grid, block, args):
+        assert len(args) == len(self.sig), (
+            f"{self.name}: {len(args)} arguments, signature has {len(self.sig)}"
+        )
+        grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+        assert all(isinstance(g, int) and g >= 1 for g in grid + block)
+        assert block[0] * block[1] * block[2] <= 1024 and grid[1] <= 65535 and grid[2] <= 65535
+        cargs = [self._convert(k, a) for k, a in zip(self.sig, args)]
+        if self.name == "fields_transpose_xy":
+            assert block == (32, 8, 1), "the transpose kernel is written for 32 x 8 blocks"
+            f = getattr(self.lib, f"emu_transpose_{self.sfx}")
+            f(*cargs, *(ctypes.c_uint(v) for v in (grid[0], grid[1], grid[2], block[0], block[1])))
+            return
+        assert grid[2] == block[1] == block[2] == 1
+        # grid-stride loops in x: a small emulated launch must cover every element as the real one
+        # does; y (the field index where used) is emulated in full.
+        g, b = min(grid[0], 3), min(block[0], 5)
+        fn = getattr(self.lib, f"{self.name}_{self.sfx}")
+        for by in range(grid[1]):
+            for bi in range(g):
+                for ti in range(b):
+                    self.lib.emu_set_1d(g, grid[1], b, bi, by, ti)
+                    fn(*cargs)
+
+
+@pytest.fixture(scope="session")
+def fields_emulation():
+    """Kernel(lib, name, sfx, sig) and signatures() for the templated kernels of diffusion.cu."""
+    import types
+
+    return types.SimpleNamespace(Kernel=_FieldsEmulatedKernel, signatures=_diffusion_signatures)
+
+
 def nvrtc_available() -> bool:
     try:
         from cupy_backends.cuda.libs import nvrtc
@@ -244,3 +331,177 @@ class _Recorder:
 def recorder():
     """The class of a writer that records what a Simulation.run writes (see _Recorder)."""
     return _Recorder
+
+
+# --------------------------------------------------------------------------- CuPy, emulated
+
+
+class _DeviceArray(np.ndarray):
+    """A NumPy array standing in for a cupy.ndarray where the code uses CuPy-only attributes:
+    ``.data.copy_from_host_async(ptr, nbytes, stream)`` (a MemoryPointer's upload)."""
+
+    @property
+    def data(self):
+        arr = self
+
+        class _MemoryPointer:
+            def copy_from_host_async(self, ptr, nbytes, stream):
+                assert isinstance(stream, _FakeStream), f"upload on {stream!r}, not a stream"
+                assert isinstance(ptr, int) and nbytes == arr.nbytes, (ptr, nbytes, arr.nbytes)
+                ctypes.memmove(arr.ctypes.data, ptr, nbytes)
+
+        return _MemoryPointer()
+
+
+class _FakeStream:
+    def __init__(self, null=False, non_blocking=False):
+        self.null = null
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def wait_event(self, event) -> None:
+        assert isinstance(event, _FakeEvent)
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _FakeEvent:
+    done = True
+
+    def record(self, stream=None) -> None:
+        assert stream is None or isinstance(stream, _FakeStream)
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _FakeDevice:
+    def __init__(self, device=0):
+        self.id = device
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self) -> None:
+        pass
+
+    def use(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def _emulated_libs(build_host_kernels):
+    here = Path(__file__).resolve().parent
+    libs = {
+        "agents.cu": build_host_kernels("emu_agents_sim", here / "agents" / "cuda_host_shim_agents.cpp"),
+        "blood.cu": build_host_kernels("emu_blood_sim", here / "biology" / "cuda_host_shim_blood.cpp"),
+        "diffusion.cu": build_host_kernels("emu_fields_sim", here / "fields" / "cuda_host_shim.cpp"),
+    }
+    libs["blood.cu"].blood_step.restype = None
+    return libs
+
+
+@pytest.fixture
+def emulated_cupy(monkeypatch, _emulated_libs, kernel_signatures, fields_emulation):
+    """A Backend named "cupy" whose arrays are NumPy arrays and whose kernels are the CUDA sources
+    of kernels/ built for the host (agents.cu, blood.cu, diffusion.cu), each launch checked by
+    EmulatedKernel / the fields harness; streams, events, pinned buffers and scatter_add are
+    synchronous stand-ins. Simulations made with ``backend=cupy`` get it. So the whole CuPy code
+    path of a step runs on a machine without a GPU; what it cannot show: CuPy's own behaviour
+    (asynchrony, implicit-sync rules, its element-wise kernels) and the GPU's arithmetic. The field
+    step runs as plain launches (CUDA graph capture needs a GPU). ``.xp.launches`` lists the
+    emulated kernel launches as (name, args)."""
+    import sys
+    import types
+
+    from tissuesim import simulation
+    from tissuesim.agents import _kernels as agents_kernels
+    from tissuesim.fields import _device as fields_device
+    from tissuesim.fields.fieldset import FieldSet
+
+    xp = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+
+    def asnumpy(a, stream=None, order="C", out=None, blocking=True):
+        assert stream is None or isinstance(stream, _FakeStream)
+        if out is None:
+            return np.array(a, order=order)
+        out[...] = a
+        return out
+
+    xp.asnumpy = asnumpy
+    xp.empty = lambda *a, **k: np.empty(*a, **k).view(_DeviceArray)
+    null = _FakeStream(null=True)
+    xp.cuda = types.SimpleNamespace(
+        Device=_FakeDevice,
+        Stream=_FakeStream,
+        Event=_FakeEvent,
+        get_current_stream=lambda: null,
+        runtime=types.SimpleNamespace(getDeviceProperties=lambda d: {"name": b"emulated"}),
+    )
+    be = bk.Backend("cupy", xp, 0)
+    log: list = []
+    agents_sigs = kernel_signatures("agents.cu")
+    blood_sigs = kernel_signatures("blood.cu")
+    fields_sigs = fields_emulation.signatures()
+    libs = _emulated_libs
+
+    def get_kernel(b, filename, name, options=(), name_expressions=None):
+        assert b is be, "a kernel asked for on another backend"
+        if filename == "diffusion.cu":
+            base, sfx = name.rsplit("_", 1)
+            kern = fields_emulation.Kernel(libs[filename], base, sfx, fields_sigs[base])
+
+            def logged(grid, block, args):
+                log.append((name, args))
+                kern(grid, block, args)
+
+            return logged
+        sigs = agents_sigs if filename == "agents.cu" else blood_sigs
+        assert tuple(options) == ("--fmad=false",), (filename, options)
+        return EmulatedKernel(libs[filename], name, sigs[name], "forward", log)
+
+    def pinned(shape, dtype=np.float64):
+        return np.empty(shape, dtype=dtype)
+
+    monkeypatch.setitem(
+        sys.modules,
+        "cupyx",
+        types.SimpleNamespace(empty_pinned=pinned, scatter_add=lambda a, i, v: np.add.at(a, i, v)),
+    )
+    monkeypatch.setattr(bk, "get_kernel", get_kernel)
+    monkeypatch.setattr(agents_kernels, "get_kernel", get_kernel)
+    monkeypatch.setattr(fields_device, "backend_of", lambda a: be if isinstance(a, np.ndarray) else NUMPY)
+    monkeypatch.setattr(FieldSet, "_step_graph", lambda self, *a: self._step_now(*a))
+    real = simulation.select_backend
+    monkeypatch.setattr(
+        simulation, "select_backend", lambda name, *a: be if name == "cupy" else real(name, *a)
+    )
+    xp.launches = log
+    return be
+
+
+@pytest.fixture
+def emulated_cupy_numpy_fields(emulated_cupy, monkeypatch):
+    """emulated_cupy, with the fields of its Simulations on their NumPy twins: the emulated field
+    kernels (tests/fields/test_kernels.py checks them against the twins) cost ~0.3 s a launch on
+    a 96 x 96 grid, too slow for runs of hundreds of steps; the cells, biology and blood keep the
+    emulated CuPy path."""
+    from tissuesim.fields.fieldset import FieldSet
+
+    init = FieldSet.__init__
+
+    def numpy_fields(self, *a, **k):
+        init(self, *a, **k)
+        if self.be is emulated_cupy:
+            self.be, self.xp, self.use_graph = NUMPY, np, False
+
+    monkeypatch.setattr(FieldSet, "__init__", numpy_fields)
+    return emulated_cupy

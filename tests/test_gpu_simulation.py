@@ -9,7 +9,11 @@ arrive, are killed, divide, die, change state and leave, and what they secrete. 
 one part whose float32 positions differ in the last bits (fused multiply-adds on the GPU; a few
 cells per thousand then take another reflection or sub-step), so whole runs are compared
 statistically.
-The ``gpu_be`` fixture skips these tests without a GPU and marks them ``gpu``.
+Each test that takes ``cupy_be`` runs twice: on the GPU (marked ``gpu``, skipped without one)
+and on CuPy emulated on the host (conftest's emulated_cupy: the CuPy code path of the step with
+the CUDA kernels of kernels/ built by g++, the fields on their NumPy twins), which runs in CI and
+checks the device path's logic, its reads and its kernel arguments, though not the GPU's
+arithmetic or CuPy's own behaviour. Tests that take ``gpu_be`` need the GPU itself.
 """
 
 from __future__ import annotations
@@ -23,6 +27,16 @@ import tissuesim
 from tissuesim.io import checkpoint
 
 BASE = ["grid=small", "output.progress=false", "seed=3"]
+
+
+@pytest.fixture(params=[pytest.param("gpu", marks=pytest.mark.gpu), "emulated"])
+def cupy_be(request):
+    """The CuPy backend that ``backend=cupy`` gives: the GPU's (skipped without one), or CuPy
+    emulated on the host (conftest's emulated_cupy: the same CuPy code path with the CUDA kernels
+    built for the host), so these checks of the step's device path also run in CI."""
+    if request.param == "gpu":
+        return request.getfixturevalue("gpu_be")
+    return request.getfixturevalue("emulated_cupy_numpy_fields")
 
 
 def _sim(backend: str, therapy: str, *overrides: str):
@@ -74,7 +88,7 @@ def _same_state(c, b, what: str) -> None:
 
 
 @pytest.mark.parametrize("therapy,day", [("cd19", 0.5), ("bcma", 1.0), ("rituximab", 0.5)])
-def test_each_step_part_takes_the_same_decisions_on_both_backends(gpu_be, therapy, day):
+def test_each_step_part_takes_the_same_decisions_on_both_backends(cupy_be, therapy, day):
     """From one state (with 300 fresh killer-target pairs), the arrivals (before_move) and the contacts, kills, fates, divisions, exits
     and sources (after_move) of CuPy equal NumPy's, over 25 states of a NumPy run. The move itself
     is compared with its NumPy twin in tests/agents/test_gpu_parity.py (float32 positions differ
@@ -99,7 +113,7 @@ def test_each_step_part_takes_the_same_decisions_on_both_backends(gpu_be, therap
     assert changed >= 8, f"{therapy}: after_move changed the cells in only {changed} of 25 states"
 
 
-def test_the_biology_runs_on_cupy_and_tracks_numpy_over_a_day(gpu_be):
+def test_the_biology_runs_on_cupy_and_tracks_numpy_over_a_day(cupy_be):
     """One day of CD19 therapy from day 0 on both backends: the same course within noise."""
     rows = {}
     for name in ("numpy", "cupy"):
@@ -116,7 +130,7 @@ def test_the_biology_runs_on_cupy_and_tracks_numpy_over_a_day(gpu_be):
         assert b[key] == pytest.approx(a[key], rel=0.05), key
 
 
-def test_run_directory_on_cupy(gpu_be, tmp_path):
+def test_run_directory_on_cupy(cupy_be, tmp_path):
     from tissuesim.runner import run_to_directory
 
     cfg = tissuesim.load_config(
@@ -155,7 +169,7 @@ def test_field_graph_in_a_run_equals_plain_launches(gpu_be):
     assert a.blood.y == b.blood.y
 
 
-def test_snapshots_through_pinned_buffers_equal_synchronous_copies(gpu_be, recorder):
+def test_snapshots_through_pinned_buffers_equal_synchronous_copies(cupy_be, recorder):
     """CuPy runs stage each snapshot on the device and download it on a side stream while the
     next steps run (tissuesim.io.staging); the same run copying synchronously writes the same
     snapshots, bit for bit, in the same order (deterministic CuPy step: same seed, same launches)."""
@@ -211,7 +225,7 @@ def test_a_staged_snapshot_holds_the_state_its_stream_order_gives(gpu_be, record
     assert len(agents["id"]) == sim.cells.n
 
 
-def test_blood_step_on_the_device_equals_the_host_blood(gpu_be):
+def test_blood_step_on_the_device_equals_the_host_blood(cupy_be):
     """The blood ODE as kernels/blood.cu (the default on CuPy: exits, the end-of-step state and
     the next step's advance before the step's one read) against the same CuPy run with the blood
     on the host: the same cells bit for bit over 300 steps with CD19 CAR-T expanding (arrival
@@ -229,4 +243,34 @@ def test_blood_step_on_the_device_equals_the_host_blood(gpu_be):
     ma, mb = a.blood.meta_dict(), b.blood.meta_dict()
     for key in ("day", "growth", "toci_day", "steroid_day", "depleted", "relapse", "treated"):
         assert ma[key] == mb[key], key
-    np.testing.assert_array_equal(gpu_be.asnumpy(a.c_blood), gpu_be.asnumpy(b.c_blood))
+    np.testing.assert_array_equal(cupy_be.asnumpy(a.c_blood), cupy_be.asnumpy(b.c_blood))
+
+
+def test_every_kernel_of_the_step_emulated_follows_numpy(emulated_cupy):
+    """The step's CuPy path with every kernel emulated, the field kernels too (the tests above keep
+    the fields on their NumPy twins for speed): 20 steps of the tiny preset with CD19 CAR-T, from
+    one NumPy state. Every kernel the step uses is launched, no flag is raised, and the fields,
+    cells and blood follow the NumPy run (float32 rounding: the kernels' libm and summation order)."""
+    a = _sim("numpy", "cd19", "grid=tiny")
+    a.run(until_day=0.5)
+    arrays, meta = checkpoint.capture(a)
+    b = _sim("cupy", "cd19", "grid=tiny")
+    assert b.backend is emulated_cupy and b.fields.be is emulated_cupy
+    checkpoint.restore(b, arrays, meta)
+    _engage(b, 40)
+    _engage(a, 40)
+    for _ in range(20):
+        a.step()
+        b.step()
+    assert b.cells.check_flags() == 0
+    launched = {name for name, _ in emulated_cupy.xp.launches}
+    want = {"move_cells", "crowd_displacement", "cell_fates", "blood_step", "philox_uniform_fill"}
+    want |= {"diffusion_lod_lines_f32", "fields_react_f32"}
+    assert want <= launched, want - launched
+    ca, cb = _cells(a), _cells(b)
+    assert ca["id"].size == cb["id"].size
+    np.testing.assert_array_equal(ca["type"], cb["type"])
+    np.testing.assert_allclose(ca["position"], cb["position"], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(a.fields.values, b.fields.values, rtol=1e-4, atol=1e-9)
+    for key in a.blood.y:
+        assert a.blood.y[key] == pytest.approx(b.blood.y[key], rel=1e-9, abs=1e-300), key

@@ -13,8 +13,6 @@ a subset of fields (slots), variable D with zeros, and every boundary kind, on t
 
 from __future__ import annotations
 
-import ctypes
-import re
 import types
 from pathlib import Path
 
@@ -52,83 +50,6 @@ def test_diffusion_kernels_compile(arch):
 
 # --------------------------------------------------------------------------- host emulation
 
-_C_TYPES = {
-    "const T*": "pT",
-    "T*": "pT",
-    "const int*": "pi",
-    "int*": "pi",
-    "const double*": "pd",
-    "double*": "pd",
-    "int": "i32",
-    "i64": "i64",
-    "T": "T",
-    "double": "f64",
-}
-
-
-def kernel_signatures() -> dict[str, list[str]]:
-    """Parameter kinds of every extern "C" kernel, parsed from kernels/diffusion.cu."""
-    src = bk.kernel_source(ops.KERNEL_FILE)
-    sigs = {}
-    for name, params in re.findall(r'extern "C" __global__ void (\w+)_##SFX\(([^)]*)\)', src):
-        kinds = []
-        for p in params.replace("\\", " ").split(","):
-            ctype = " ".join(p.split()[:-1]).replace(" *", "*")
-            kinds.append(_C_TYPES[ctype])
-        sigs[name] = kinds
-    return sigs
-
-
-class _EmulatedKernel:
-    """Stands in for a cupy.RawKernel: same call convention, strict argument checks, host run."""
-
-    def __init__(self, lib, name: str, sfx: str, sig: list[str]):
-        self.lib, self.name, self.sfx, self.sig = lib, name, sfx, sig
-        self.T = np.float32 if sfx == "f32" else np.float64
-
-    def _convert(self, kind, a):
-        arrays = {"pT": self.T, "pi": np.int32, "pd": np.float64}
-        scalars = {"i32": np.int32, "i64": np.int64, "T": self.T, "f64": np.float64}
-        if kind in arrays:
-            assert isinstance(a, np.ndarray), f"{self.name}: pointer argument is {type(a)}"
-            assert a.dtype == arrays[kind], f"{self.name}: array of {a.dtype} where {arrays[kind]} expected"
-            assert a.flags.c_contiguous, f"{self.name}: non-contiguous array"
-            return ctypes.c_void_p(a.ctypes.data)
-        assert type(a) is scalars[kind], (
-            f"{self.name}: scalar {a!r} ({type(a)}) where {scalars[kind]} expected"
-        )
-        ct = {
-            np.int32: ctypes.c_int32,
-            np.int64: ctypes.c_int64,
-            np.float32: ctypes.c_float,
-            np.float64: ctypes.c_double,
-        }
-        return ct[scalars[kind]](a)
-
-    def __call__(self, grid, block, args):
-        assert len(args) == len(self.sig), (
-            f"{self.name}: {len(args)} arguments, signature has {len(self.sig)}"
-        )
-        grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
-        assert all(isinstance(g, int) and g >= 1 for g in grid + block)
-        assert block[0] * block[1] * block[2] <= 1024 and grid[1] <= 65535 and grid[2] <= 65535
-        cargs = [self._convert(k, a) for k, a in zip(self.sig, args)]
-        if self.name == "fields_transpose_xy":
-            assert block == (32, 8, 1), "the transpose kernel is written for 32 x 8 blocks"
-            f = getattr(self.lib, f"emu_transpose_{self.sfx}")
-            f(*cargs, *(ctypes.c_uint(v) for v in (grid[0], grid[1], grid[2], block[0], block[1])))
-            return
-        assert grid[2] == block[1] == block[2] == 1
-        # grid-stride loops in x: a small emulated launch must cover every element as the real one
-        # does; y (the field index where used) is emulated in full.
-        g, b = min(grid[0], 3), min(block[0], 5)
-        fn = getattr(self.lib, f"{self.name}_{self.sfx}")
-        for by in range(grid[1]):
-            for bi in range(g):
-                for ti in range(b):
-                    self.lib.emu_set_1d(g, grid[1], b, bi, by, ti)
-                    fn(*cargs)
-
 
 @pytest.fixture(scope="module")
 def emu_lib(build_host_kernels):
@@ -136,26 +57,26 @@ def emu_lib(build_host_kernels):
 
 
 @pytest.fixture(params=["gpu", "emulated"])
-def dev(request, monkeypatch):
+def dev(request, monkeypatch, fields_emulation):
     """A backend whose *_cupy paths run the CUDA source: on the GPU, or emulated on the host."""
     if request.param == "gpu":
         return request.getfixturevalue("gpu_be")
     lib = request.getfixturevalue("emu_lib")
-    sigs = kernel_signatures()
+    sigs = fields_emulation.signatures()
     xp = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
     xp.asnumpy = np.asarray
     fake = Backend("cupy", xp, 0)
 
     def kernel(be, name, dtype):
-        return _EmulatedKernel(lib, name, ops._sfx(dtype), sigs[name])
+        return fields_emulation.Kernel(lib, name, ops._sfx(dtype), sigs[name])
 
     monkeypatch.setattr(ops, "_kernel", kernel)
     monkeypatch.setattr("tissuesim.fields._device.backend_of", lambda a: fake)
     return fake
 
 
-def test_signatures_parsed():
-    sigs = kernel_signatures()
+def test_signatures_parsed(fields_emulation):
+    sigs = fields_emulation.signatures()
     assert set(sigs) == {"diffusion_explicit", "diffusion_lod_lines", "fields_react", "fields_transpose_xy"}
     assert sigs["fields_react"][2] == "i64" and sigs["diffusion_explicit"][-1] == "T"
 
