@@ -15,6 +15,8 @@ from tissuesim.fields import (
 )
 from tissuesim.grid import Grid
 
+_STEP_GRAPH = FieldSet._step_graph  # emulated_cupy replaces it; one test puts it back
+
 
 def _random_multiplier(rng, shape, zeros=True):
     m = rng.uniform(0.2, 1.8, shape)
@@ -321,3 +323,134 @@ def test_cuda_graph_replay_equals_plain_launches(gpu_be):
     assert sims[1][0]._graph is not None and sims[1][0].use_graph, "the graph was not used"
     assert a.tobytes() == b.tobytes()
     assert sims[0][0].time == sims[1][0].time == 8 * 1.0 + 4 * 0.5
+
+
+def _kept_arrays(fs) -> list:
+    """(what, array) for every device array a FieldSet keeps from one step to the next besides
+    the ones it was made with: the plans' slot arrays, the ping-pong buffer, the LOD scratch and
+    the transposed D."""
+    kept = [("ping-pong buffer", fs._tmp)]
+    for dt, p in fs._plans.items():
+        entries = [(s, f) for _n, s, f in p.explicit] + ([p.lod] if p.lod else [])
+        for slots, faces in entries:
+            kept += [(f"plan {dt} slots", slots)] + [(f"plan {dt} face {k}", a) for k, a in faces.items()]
+    w = fs._lod_work
+    if w is not None:
+        kept += [("LOD cp", w.cp), ("LOD zs", w.zs), ("LOD ut", w.ut)]
+        kept += [("LOD transposed D", a) for a in w.Dt.values()]
+    return [(what, a) for what, a in kept if a is not None]
+
+
+def _graph_specs():
+    return [
+        FieldSpec("a", 300.0, 0.01, solver="explicit"),
+        FieldSpec("b", 6000.0, 0.002, solver="lod", bc={"x-": ("dirichlet", 1.0)}),
+        FieldSpec("c", 0.0, 0.001),
+    ]
+
+
+def test_graph_captures_keep_no_lasting_array_in_their_private_pool(emulated_cupy, monkeypatch):
+    """The arrays a FieldSet keeps between steps must not come from a graph's private memory
+    pool: CuPy frees a pool's memory when the pool goes, under live arrays, and the pool goes at
+    the next capture (a dt change here), after which the graph would read freed memory. CUDA
+    graphs need a GPU, so a stand-in ``cupy`` records which pool each array was made under
+    (through emulated_cupy's array module) and replays a graph as the plain step."""
+    import contextlib
+    import sys
+    import types
+
+    from tissuesim.fields import fieldset
+
+    monkeypatch.setattr(fieldset.FieldSet, "_step_graph", _STEP_GRAPH)  # emulated_cupy bypasses it
+    xp = emulated_cupy.xp
+    current: list = []
+
+    class Pool:
+        def malloc(self, nbytes):
+            raise AssertionError("not called: arrays are NumPy's")
+
+    @contextlib.contextmanager
+    def using_allocator(malloc):
+        current.append(malloc.__self__)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    class Tagged(np.ndarray):
+        pool = None
+
+    def tagging(make):
+        def made(*a, **k):
+            src = a[0] if a else None
+            out = make(*a, **k)
+            if out is not src:  # a new array: remember the pool it came from
+                out = out.view(Tagged)
+                out.pool = current[-1] if current else None
+            return out
+
+        return made
+
+    for name in ("empty", "empty_like", "zeros", "zeros_like", "asarray", "arange", "ones"):
+        monkeypatch.setattr(xp, name, tagging(getattr(xp, name)))
+    replays = []
+
+    class Stream:
+        def __init__(self, non_blocking=False):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def begin_capture(self, mode):
+            self.fs = fs
+
+        def end_capture(self):
+            return types.SimpleNamespace(launch=lambda stream: replays.append(1))
+
+    cuda = types.SimpleNamespace(
+        MemoryPool=Pool,
+        using_allocator=using_allocator,
+        Stream=Stream,
+        get_current_stream=lambda: None,
+        runtime=types.SimpleNamespace(streamCaptureModeRelaxed=1),
+    )
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+    grid = Grid((1, 12, 10), 10.0)
+    fs = FieldSet(emulated_cupy, grid, _graph_specs(), dt=1.0, track_budget=False)
+    assert fs.use_graph
+    for dt in (1.0, 1.0, 0.5, 0.5, 0.25):  # three captures; the first two pools are gone
+        fs.step(dt, c_blood=xp.asarray(np.ones(3)))
+    assert len(replays) == 2 and fs._graph is not None
+    kept = _kept_arrays(fs)
+    assert {"ping-pong buffer", "LOD cp"} <= {w for w, _ in kept}
+    for what, a in kept:
+        assert getattr(a, "pool", None) is None, f"{what} was made in a graph's private pool"
+
+
+def test_graph_recaptures_leave_the_kept_arrays_alive(gpu_be):
+    """On the GPU: after captures at three step lengths (the private pools of the first two are
+    gone), every array the FieldSet keeps still has its memory pool, and the graph run still
+    equals plain launches (bit for bit)."""
+    import gc
+
+    grid = Grid((6, 12, 10), 10.0)
+    rs = np.random.default_rng(5)
+    u0 = rs.random((3, *grid.shape)).astype(np.float32)
+    out = []
+    for graph in (True, False):
+        fs = FieldSet(gpu_be, grid, _graph_specs(), dt=1.0, track_budget=False)
+        fs.use_graph = graph
+        fs.values[...] = gpu_be.asarray(u0)
+        for dt in (1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.25):
+            fs.step(dt, c_blood=gpu_be.asarray(np.ones(3)))
+        gc.collect()
+        if graph:
+            for what, a in _kept_arrays(fs):
+                pool = getattr(a.data.mem, "pool", None)
+                assert pool is None or pool() is not None, f"{what}: its memory pool is gone"
+        out.append(gpu_be.asnumpy(fs.values))
+    assert out[0].tobytes() == out[1].tobytes()

@@ -309,8 +309,8 @@ class FieldSet:
         replay) or the presence of c_blood changes; c_blood is copied into a fixed buffer before
         each replay.
         Temporaries of the captured step come from a private memory pool held with the graph, so
-        no other array ever takes their addresses. Capture also proves the step sync-free: CUDA
-        refuses a synchronising call while capturing."""
+        no other array ever takes their addresses; nothing that outlives the graph comes from it.
+        Capture also proves the step sync-free: CUDA refuses a synchronising call while capturing."""
         import cupy
 
         xp = self.xp
@@ -324,13 +324,16 @@ class FieldSet:
                 cb[...] = xp.asarray(c_blood, dtype=xp.float64).reshape(len(self.specs))
             graph.launch(cupy.cuda.get_current_stream())
             return
-        pool = cupy.cuda.MemoryPool()
         cb = None if c_blood is None else xp.empty(len(self.specs), dtype=xp.float64)
+        if cb is not None:
+            cb[...] = xp.asarray(c_blood, dtype=xp.float64).reshape(len(self.specs))
+        # This step's work, done plainly; it also makes the work arrays that outlive the graph
+        # (the plan's slot arrays, the ping-pong buffer, the LOD scratch and transposed D), so
+        # they must come from the default pool: CuPy frees a pool's memory when the pool goes,
+        # even under live arrays, and the private pool goes with this graph at the next capture.
+        self._step_now(dt, source, uptake, cb)
+        pool = cupy.cuda.MemoryPool()
         with cupy.cuda.using_allocator(pool.malloc):
-            if cb is not None:
-                cb[...] = xp.asarray(c_blood, dtype=xp.float64).reshape(len(self.specs))
-            # this step's work, done plainly (it also allocates the work arrays the graph uses)
-            self._step_now(dt, source, uptake, cb)
             # captured work is recorded, not run; replays go to the current stream, in order
             stream = cupy.cuda.Stream(non_blocking=True)
             error = None
