@@ -225,14 +225,22 @@ def test_a_staged_snapshot_holds_the_state_its_stream_order_gives(gpu_be, record
     assert len(agents["id"]) == sim.cells.n
 
 
-def test_blood_step_on_the_device_equals_the_host_blood(cupy_be):
+@pytest.mark.parametrize("paths", ["device", "host"])
+def test_blood_step_on_the_device_equals_the_host_blood(cupy_be, paths):
     """The blood ODE as kernels/blood.cu (the default on CuPy: exits, the end-of-step state and
     the next step's advance before the step's one read) against the same CuPy run with the blood
     on the host: the same cells bit for bit over 300 steps with CD19 CAR-T expanding (arrival
     counts come from Poisson draws on the blood concentrations, which differ at most by libm's
     last bits, pow and exp), the blood within 1e-10, and a read of its own only on the first step.
+    ``paths="host"``: the step's host formulation (bench/step.py --host-paths, exits counted on the
+    host) with the blood kernel fed from it.
     """
-    a, b = _run_pair(lambda sim, on_device: setattr(sim.immunology, "blood_on_device", on_device))
+
+    def configure(sim, on_device):
+        sim.immunology.blood_on_device = on_device
+        sim.immunology.device_paths = paths == "device"
+
+    a, b = _run_pair(configure)
     assert a.immunology.blood_extra_reads == 1 and a.immunology._dblood is not None
     assert b.immunology._dblood is None
     ca, cb = _cells(a), _cells(b)

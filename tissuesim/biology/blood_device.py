@@ -272,7 +272,9 @@ class DeviceBlood:
         # pinned -> device on the compute stream: asynchronous, and the pinned buffer is rewritten
         # only after the step's read (a full wait for this stream), so the copy has long finished
         self._up_d.data.copy_from_host_async(up.ctypes.data, up.nbytes, stream)
-        left = xp.ascontiguousarray(left, dtype=xp.int64)
+        # asarray first: on the GPU's host paths (comparisons) ``left`` is a NumPy array, which
+        # cupy.ascontiguousarray refuses
+        left = xp.ascontiguousarray(xp.asarray(left, dtype=xp.int64))
         k = self._kernel
         if k is None:  # looked up once (the lookup is Python work in every step otherwise)
             from tissuesim.backend import get_kernel
