@@ -56,6 +56,12 @@ def kernel_files() -> list[Path]:
     return sorted(kernel_dir().glob("*.cu"))
 
 
+#: what CuPy adds to every NVRTC build of a RawModule: float32 subnormal inputs and results are
+#: flushed to zero on the GPU (not by the NumPy twins; no effect on float64). Results differ
+#: only where a float32 value falls below 1.18e-38.
+CUPY_FTZ = "-ftz=true"
+
+
 def nvrtc_options(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     return (NVRTC_STD, f"-I{kernel_dir()}", *extra)
 
@@ -216,7 +222,9 @@ def compile_cubin(filename: str, arch: str, options: tuple[str, ...] = (), name_
     try:
         for ne in name_expressions:
             nvrtc.addNameExpression(prog, ne)
-        opts = [*nvrtc_options(options), f"-arch={arch}"]
+        # CuPy appends -ftz=true to every NVRTC build (cupy/cuda/compiler.py), after ours, and the
+        # last one wins: float32 subnormals flush to zero on the GPU. Build what CuPy builds.
+        opts = [*nvrtc_options(options), f"-arch={arch}", CUPY_FTZ]
         try:
             nvrtc.compileProgram(prog, opts)
         except Exception as exc:
