@@ -51,6 +51,19 @@ def kernel_source(filename: str) -> str:
     return (kernel_dir() / filename).read_text()
 
 
+def module_source(filename: str) -> str:
+    """The text handed to cupy.RawModule for kernels/<filename>: the file, then a comment with
+    the SHA-256 of every header (*.cuh) in kernels/. CuPy's kernel cache (~/.cupy/kernel_cache)
+    is keyed by the source text and options, not by what the source includes, so without the
+    digest an edited header (a new tissuesim version) would run stale cached code."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for hdr in sorted(kernel_dir().glob("*.cuh")):
+        h.update(hdr.name.encode() + b"\0" + hdr.read_bytes() + b"\0")
+    return f"{kernel_source(filename)}\n// kernels/*.cuh sha256 {h.hexdigest()}\n"
+
+
 def kernel_files() -> list[Path]:
     """Every compilable CUDA source (*.cu) in kernels/, sorted."""
     return sorted(kernel_dir().glob("*.cu"))
@@ -184,7 +197,7 @@ def _module(device: int, filename: str, options: tuple[str, ...], name_expressio
 
     with cupy.cuda.Device(device):
         return cupy.RawModule(
-            code=kernel_source(filename),
+            code=module_source(filename),
             options=nvrtc_options(options),
             name_expressions=name_expressions,
         )
@@ -217,7 +230,7 @@ def compile_cubin(filename: str, arch: str, options: tuple[str, ...] = (), name_
     """
     from cupy_backends.cuda.libs import nvrtc
 
-    src = kernel_source(filename)
+    src = module_source(filename)
     prog = nvrtc.createProgram(src, filename, [], [])
     try:
         for ne in name_expressions:
