@@ -812,8 +812,10 @@ def intravasate(
 
     prob_per_min : exit rate (1/min), a scalar or per type (ntypes,); a cell in a vessel voxel
     leaves with probability 1 - exp(-rate dt). type_filter : types allowed to leave (None: all).
-    The decision is keyed by (seed, id, step, PURPOSE_INTRAVASATE). The counts stay on the
-    device; removing the cells reads back one integer (Population.remove).
+    The decision is keyed by (seed, id, step, PURPOSE_INTRAVASATE). The counts are a device
+    array, but on CuPy this stand-alone form waits for the device several times (host tables
+    copied up, cupy.bincount reading its input's range, Population.remove reading the new count);
+    the step's own exits (Immunology.after_move) avoid all but the step's one read.
     """
     xp = pop.xp
     n = pop.n

@@ -220,7 +220,8 @@ class Population:
         return n - kept, born, (got[2:] if ex is not None else None)
 
     def counts_by_type(self, ntypes: int):
-        """Live cells per type, int64 (ntypes,) on the device (no sync)."""
+        """Live cells per type, int64 (ntypes,) on the device. Not for inside a step on CuPy:
+        cupy.bincount reads its input's minimum and maximum back to the host (two syncs)."""
         return self.xp.bincount(self.view("type"), minlength=ntypes)[:ntypes]
 
     # -- output ---------------------------------------------------------------------------------
