@@ -6,10 +6,12 @@ the same suite is the CPU check in CI and the GPU check on a GPU machine.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import re
 import shutil
 import subprocess
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -336,9 +338,80 @@ def recorder():
 # --------------------------------------------------------------------------- CuPy, emulated
 
 
+class _Emulation:
+    """State of the emulated CuPy: whether its strict checks apply (not inside an emulated kernel
+    or the tests' own bookkeeping) and, while ``counting``, the host waits seen: (what, where)."""
+
+    def __init__(self):
+        self.strict = True
+        self.counting = False
+        self.waits: list[tuple[str, str]] = []
+
+    def wait(self, what: str) -> None:
+        if self.counting and self.strict:
+            self.waits.append((what, _caller()))
+
+    @contextlib.contextmanager
+    def lenient(self):
+        old, self.strict = self.strict, False
+        try:
+            yield
+        finally:
+            self.strict = old
+
+
+_EMU = _Emulation()
+
+
+def _caller() -> str:
+    """file:line of the innermost tissuesim frame (the code that caused a host wait)."""
+    for fr in reversed(traceback.extract_stack()[:-2]):
+        if "tissuesim" in fr.filename and "tests" not in Path(fr.filename).parts:
+            if fr.name in ("asnumpy", "device_constant") and Path(fr.filename).name == "backend.py":
+                continue  # helpers: who called them is the news
+            return f"{Path(fr.filename).name}:{fr.lineno} ({fr.name})"
+    return "?"
+
+
+def _is_host(a) -> bool:
+    return isinstance(a, np.ndarray) and not isinstance(a, _DeviceArray)
+
+
+def _dev(r):
+    """A result of NumPy as CuPy gives it: arrays stay on the device, scalars are 0-d arrays."""
+    if isinstance(r, _DeviceArray):
+        return r
+    if isinstance(r, np.ndarray):
+        return r.view(_DeviceArray)
+    if isinstance(r, np.generic):
+        return np.asarray(r).view(_DeviceArray)
+    if isinstance(r, tuple):
+        return tuple(_dev(x) for x in r)
+    return r
+
+
+def _refuse_host(where: str, args) -> None:
+    """CuPy refuses NumPy arrays as operands (TypeError: Unsupported type numpy.ndarray)."""
+    if not _EMU.strict:
+        return
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            _refuse_host(where, a)
+        elif _is_host(a):
+            raise TypeError(f"emulated CuPy: a NumPy array {a.dtype}{a.shape} passed to {where}")
+
+
+def _is_mask(key) -> bool:
+    keys = key if isinstance(key, tuple) else (key,)
+    return any(isinstance(k, np.ndarray) and k.dtype == np.bool_ and k.ndim > 0 for k in keys)
+
+
 class _DeviceArray(np.ndarray):
-    """A NumPy array standing in for a cupy.ndarray where the code uses CuPy-only attributes:
-    ``.data.copy_from_host_async(ptr, nbytes, stream)`` (a MemoryPointer's upload)."""
+    """A NumPy array standing in for a cupy.ndarray, as strict as CuPy where it matters here:
+    operations with NumPy arrays raise TypeError, scalars come back as 0-d device arrays, and
+    what makes the host wait for the GPU in CuPy (reading a value: bool(), int(), float(),
+    .item(), .tolist(), .get(); boolean-mask indexing, which reads the mask's count) is counted
+    by _EMU. ``.data.copy_from_host_async(ptr, nbytes, stream)`` uploads as a MemoryPointer."""
 
     @property
     def data(self):
@@ -351,6 +424,126 @@ class _DeviceArray(np.ndarray):
                 ctypes.memmove(arr.ctypes.data, ptr, nbytes)
 
         return _MemoryPointer()
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        out = kwargs.get("out", ())
+        _refuse_host(f"{ufunc.__name__}", inputs + tuple(out))
+        plain = [x.view(np.ndarray) if isinstance(x, _DeviceArray) else x for x in inputs]
+        if out:
+            kwargs["out"] = tuple(o.view(np.ndarray) if isinstance(o, _DeviceArray) else o for o in out)
+        r = getattr(ufunc, method)(*plain, **kwargs)
+        if out:
+            return out[0] if len(out) == 1 else out
+        return _dev(r)
+
+    def __getitem__(self, key):
+        if _is_mask(key):
+            _EMU.wait("boolean mask index")
+        elif (isinstance(key, tuple) and any(_is_host(k) for k in key)) or _is_host(key):
+            _EMU.wait("host index array (upload)")
+        return _dev(super().__getitem__(key))
+
+    def __setitem__(self, key, value):
+        if _is_mask(key):
+            _EMU.wait("boolean mask assignment")
+        if _is_host(value) or isinstance(value, (list, tuple)):
+            _EMU.wait("host values assigned (upload)")
+        super().__setitem__(key, value)
+
+    def _read(self, what):
+        _EMU.wait(what)
+        return self.view(np.ndarray)
+
+    def __bool__(self):
+        return bool(self._read("bool()"))
+
+    def __int__(self):
+        return int(self._read("int()"))
+
+    def __float__(self):
+        return float(self._read("float()"))
+
+    def __index__(self):
+        return self._read("index").__index__()
+
+    def item(self, *a):
+        return self._read(".item()").item(*a)
+
+    def tolist(self):
+        return self._read(".tolist()").tolist()
+
+    def get(self, stream=None, order="C", out=None, blocking=True):
+        return _emulated_asnumpy(self, stream, order, out, blocking)
+
+    def nonzero(self):
+        _EMU.wait(".nonzero()")
+        return _dev(self.view(np.ndarray).nonzero())
+
+
+for _name in ("any", "all", "sum", "max", "min", "mean", "prod", "argmax", "argmin"):
+
+    def _reduction(self, *a, _name=_name, **k):
+        return _dev(getattr(self.view(np.ndarray), _name)(*a, **k))
+
+    setattr(_DeviceArray, _name, _reduction)
+
+
+def _emulated_asnumpy(a, stream=None, order="C", out=None, blocking=True):
+    assert stream is None or isinstance(stream, _FakeStream)
+    if isinstance(a, _DeviceArray):  # cupy.asnumpy of host data reads nothing from the device
+        _EMU.wait("asnumpy")
+    a = a.view(np.ndarray) if isinstance(a, np.ndarray) else np.asarray(a)
+    if out is None:
+        return np.array(a, order=order)
+    with _EMU.lenient():
+        out[...] = a
+    return out
+
+
+#: xp functions that read device data in CuPy (the size of their result depends on the data)
+_READING = {"bincount", "flatnonzero", "nonzero", "argwhere", "unique", "compress", "extract"}
+#: xp functions that take host data (uploads: the host waits for a pageable copy)
+_UPLOADING = {"asarray", "array", "asanyarray"}
+
+
+def _emulated_function(name, fn):
+    def call(*args, **kwargs):
+        if name in _UPLOADING:
+            src = args[0] if args else kwargs.get("a", kwargs.get("obj"))
+            if not isinstance(src, _DeviceArray):
+                if isinstance(src, np.ndarray) or isinstance(src, (list, tuple)):
+                    _EMU.wait(f"{name}(host data) (upload)")
+                return _dev(np.array(src, dtype=kwargs.get("dtype", args[1] if len(args) > 1 else None)))
+            return _dev(fn(*args, **kwargs))
+        _refuse_host(f"xp.{name}", args + tuple(kwargs.values()))
+        if name in _READING or (name == "where" and len(args) == 1):
+            _EMU.wait(f"xp.{name}")
+        if name == "repeat" and len(args) > 1 and isinstance(args[1], np.ndarray) and args[1].ndim:
+            _EMU.wait("xp.repeat(array repeats)")
+        return _dev(fn(*args, **kwargs))
+
+    return call
+
+
+def _emulated_xp():
+    """The emulated cupy module: NumPy's functions behind _emulated_function (device results,
+    host operands refused, reads counted), plus asnumpy and the cuda namespace."""
+    import types as _types
+
+    ns = {}
+    for k in dir(np):
+        if k.startswith("__"):
+            continue
+        v = getattr(np, k)
+        if isinstance(v, np.ufunc) or (
+            callable(v) and not isinstance(v, type) and not isinstance(v, _types.ModuleType)
+        ):
+            ns[k] = _emulated_function(k, v)
+        else:
+            ns[k] = v
+    xp = _types.SimpleNamespace(**ns)
+    xp.asnumpy = _emulated_asnumpy
+    return xp
 
 
 class _FakeStream:
@@ -427,17 +620,7 @@ def emulated_cupy(monkeypatch, _emulated_libs, kernel_signatures, fields_emulati
     from tissuesim.fields import _device as fields_device
     from tissuesim.fields.fieldset import FieldSet
 
-    xp = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
-
-    def asnumpy(a, stream=None, order="C", out=None, blocking=True):
-        assert stream is None or isinstance(stream, _FakeStream)
-        if out is None:
-            return np.array(a, order=order)
-        out[...] = a
-        return out
-
-    xp.asnumpy = asnumpy
-    xp.empty = lambda *a, **k: np.empty(*a, **k).view(_DeviceArray)
+    xp = _emulated_xp()
     null = _FakeStream(null=True)
     xp.cuda = types.SimpleNamespace(
         Device=_FakeDevice,
@@ -458,23 +641,31 @@ def emulated_cupy(monkeypatch, _emulated_libs, kernel_signatures, fields_emulati
         if filename == "diffusion.cu":
             base, sfx = name.rsplit("_", 1)
             kern = fields_emulation.Kernel(libs[filename], base, sfx, fields_sigs[base])
+        else:
+            sigs = agents_sigs if filename == "agents.cu" else blood_sigs
+            assert tuple(options) == ("--fmad=false",), (filename, options)
+            kern = EmulatedKernel(libs[filename], name, sigs[name], "forward", [])
 
-            def logged(grid, block, args):
-                log.append((name, args))
-                kern(grid, block, args)
+        def launch(grid, block, args):
+            _refuse_host(f"kernel {name}", args)  # RawKernel: Unsupported type numpy.ndarray
+            log.append((name, args))
+            with _EMU.lenient():
+                kern(
+                    grid, block, tuple(a.view(np.ndarray) if isinstance(a, _DeviceArray) else a for a in args)
+                )
 
-            return logged
-        sigs = agents_sigs if filename == "agents.cu" else blood_sigs
-        assert tuple(options) == ("--fmad=false",), (filename, options)
-        return EmulatedKernel(libs[filename], name, sigs[name], "forward", log)
+        return launch
 
     def pinned(shape, dtype=np.float64):
         return np.empty(shape, dtype=dtype)
 
+    def scatter_add(a, index, value):
+        _refuse_host("cupyx.scatter_add", (a, index, value))
+        with _EMU.lenient():
+            np.add.at(a.view(np.ndarray), index, value)
+
     monkeypatch.setitem(
-        sys.modules,
-        "cupyx",
-        types.SimpleNamespace(empty_pinned=pinned, scatter_add=lambda a, i, v: np.add.at(a, i, v)),
+        sys.modules, "cupyx", types.SimpleNamespace(empty_pinned=pinned, scatter_add=scatter_add)
     )
     monkeypatch.setattr(bk, "get_kernel", get_kernel)
     monkeypatch.setattr(agents_kernels, "get_kernel", get_kernel)
@@ -485,6 +676,8 @@ def emulated_cupy(monkeypatch, _emulated_libs, kernel_signatures, fields_emulati
         simulation, "select_backend", lambda name, *a: be if name == "cupy" else real(name, *a)
     )
     xp.launches = log
+    xp.emulation = _EMU
+    _EMU.counting, _EMU.waits, _EMU.strict = False, [], True
     return be
 
 
@@ -496,12 +689,17 @@ def emulated_cupy_numpy_fields(emulated_cupy, monkeypatch):
     emulated CuPy path."""
     from tissuesim.fields.fieldset import FieldSet
 
-    init = FieldSet.__init__
+    init, step = FieldSet.__init__, FieldSet.step
 
     def numpy_fields(self, *a, **k):
         init(self, *a, **k)
         if self.be is emulated_cupy:
             self.be, self.xp, self.use_graph = NUMPY, np, False
 
+    def numpy_step(self, *a, **k):  # the twins work on the (emulated) device arrays in place
+        with _EMU.lenient():
+            step(self, *a, **k)
+
     monkeypatch.setattr(FieldSet, "__init__", numpy_fields)
+    monkeypatch.setattr(FieldSet, "step", numpy_step)
     return emulated_cupy

@@ -377,16 +377,16 @@ def test_graph_captures_keep_no_lasting_array_in_their_private_pool(emulated_cup
         finally:
             current.pop()
 
-    class Tagged(np.ndarray):
-        pool = None
+    made_in: dict[int, object] = {}  # id(array) -> the pool it was made under (or None)
+    alive: list = []  # keeps every made array, so no id is reused
 
     def tagging(make):
         def made(*a, **k):
             src = a[0] if a else None
             out = make(*a, **k)
             if out is not src:  # a new array: remember the pool it came from
-                out = out.view(Tagged)
-                out.pool = current[-1] if current else None
+                made_in[id(out)] = current[-1] if current else None
+                alive.append(out)
             return out
 
         return made
@@ -428,7 +428,8 @@ def test_graph_captures_keep_no_lasting_array_in_their_private_pool(emulated_cup
     kept = _kept_arrays(fs)
     assert {"ping-pong buffer", "LOD cp"} <= {w for w, _ in kept}
     for what, a in kept:
-        assert getattr(a, "pool", None) is None, f"{what} was made in a graph's private pool"
+        assert id(a) in made_in, f"{what}: not made through the array module"
+        assert made_in[id(a)] is None, f"{what} was made in a graph's private pool"
 
 
 def test_graph_recaptures_leave_the_kept_arrays_alive(gpu_be):
