@@ -87,15 +87,29 @@ def _same_state(c, b, what: str) -> None:
         assert c.blood.y[key] == pytest.approx(b.blood.y[key], rel=1e-12, abs=1e-15), f"{what}: blood {key}"
 
 
-@pytest.mark.parametrize("therapy,day", [("cd19", 0.5), ("bcma", 1.0), ("rituximab", 0.5)])
-def test_each_step_part_takes_the_same_decisions_on_both_backends(cupy_be, therapy, day):
-    """From one state (with 300 fresh killer-target pairs), the arrivals (before_move) and the contacts, kills, fates, divisions, exits
-    and sources (after_move) of CuPy equal NumPy's, over 25 states of a NumPy run. The move itself
-    is compared with its NumPy twin in tests/agents/test_gpu_parity.py (float32 positions differ
-    in the last bits, so whole steps are compared statistically below)."""
-    a = _sim("numpy", therapy)
+@pytest.mark.parametrize(
+    "therapy,day,grid",
+    [
+        ("cd19", 0.5, ()),
+        ("bcma", 1.0, ()),
+        ("rituximab", 0.5, ()),
+        ("dual", 0.5, ()),
+        ("allo_cd19", 0.5, ()),
+        ("cd19_then_bcma", 0.5, ("therapy.infusions.1.trigger=day", "therapy.infusions.1.day=0.25")),
+        ("cd19", 0.5, ("grid=tiny", "grid.nz=6")),  # 3D
+    ],
+    ids=["cd19", "bcma", "rituximab", "dual", "allo_cd19", "cd19_then_bcma", "cd19-3d"],
+)
+def test_each_step_part_takes_the_same_decisions_on_both_backends(cupy_be, therapy, day, grid):
+    """From one state (with 300 fresh killer-target pairs), the arrivals (before_move) and the
+    contacts, kills, fates, divisions, exits and sources (after_move) of CuPy equal NumPy's, over
+    25 states of a NumPy run, for every therapy (both products given by day 0.25 in the
+    sequential case) and in 3D. The move itself is compared with its NumPy twin in
+    tests/agents/test_gpu_parity.py (float32 positions differ in the last bits, so whole steps
+    are compared statistically below)."""
+    a = _sim("numpy", therapy, *grid)
     a.run(until_day=day)
-    c, b = _sim("numpy", therapy), _sim("cupy", therapy)
+    c, b = _sim("numpy", therapy, *grid), _sim("cupy", therapy, *grid)
     changed = 0
     for k in range(25):
         a.step()
