@@ -340,16 +340,23 @@ def recorder():
 
 class _Emulation:
     """State of the emulated CuPy: whether its strict checks apply (not inside an emulated kernel
-    or the tests' own bookkeeping) and, while ``counting``, the host waits seen: (what, where)."""
+    or the tests' own bookkeeping) and, while ``counting``, what it saw as (what, where): host
+    waits (reads of device data, synchronize) and uploads of host data (which CuPy stages
+    through pinned memory without waiting, but which CUDA stream capture cannot replay)."""
 
     def __init__(self):
         self.strict = True
         self.counting = False
         self.waits: list[tuple[str, str]] = []
+        self.uploads: list[tuple[str, str]] = []
 
     def wait(self, what: str) -> None:
         if self.counting and self.strict:
             self.waits.append((what, _caller()))
+
+    def upload(self, what: str) -> None:
+        if self.counting and self.strict:
+            self.uploads.append((what, _caller()))
 
     @contextlib.contextmanager
     def lenient(self):
@@ -406,6 +413,38 @@ def _is_mask(key) -> bool:
     return any(isinstance(k, np.ndarray) and k.dtype == np.bool_ and k.ndim > 0 for k in keys)
 
 
+def _has_host_index(key) -> bool:
+    keys = key if isinstance(key, tuple) else (key,)
+    return any(_is_host(k) or isinstance(k, list) for k in keys)
+
+
+def _has_device_index(key) -> bool:
+    keys = key if isinstance(key, tuple) else (key,)
+    return any(isinstance(k, _DeviceArray) and k.ndim > 0 for k in keys)
+
+
+def _plain(x):
+    """Device arrays as plain NumPy arrays, through lists, tuples and dicts."""
+    if isinstance(x, _DeviceArray):
+        return x.view(np.ndarray)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_plain(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def _count_reads(name: str, args) -> None:
+    """The host waits CuPy's function ``name`` makes (the size of its result depends on data)."""
+    if name == "bincount":  # cupy.bincount: (x < 0).any() and int(x.max())
+        _EMU.wait("xp.bincount (negative check)")
+        _EMU.wait("xp.bincount (length)")
+    elif name in _READING or (name == "where" and len(args) == 1):
+        _EMU.wait(f"xp.{name}")
+    elif name == "repeat" and len(args) > 1 and isinstance(args[1], np.ndarray) and args[1].ndim:
+        _EMU.wait("xp.repeat(array repeats)")
+
+
 class _DeviceArray(np.ndarray):
     """A NumPy array standing in for a cupy.ndarray, as strict as CuPy where it matters here:
     operations with NumPy arrays raise TypeError, scalars come back as 0-d device arrays, and
@@ -439,16 +478,32 @@ class _DeviceArray(np.ndarray):
     def __getitem__(self, key):
         if _is_mask(key):
             _EMU.wait("boolean mask index")
-        elif (isinstance(key, tuple) and any(_is_host(k) for k in key)) or _is_host(key):
-            _EMU.wait("host index array (upload)")
+        elif _has_host_index(key):
+            _EMU.upload("host index array")
         return _dev(super().__getitem__(key))
 
     def __setitem__(self, key, value):
         if _is_mask(key):
             _EMU.wait("boolean mask assignment")
-        if _is_host(value) or isinstance(value, (list, tuple)):
-            _EMU.wait("host values assigned (upload)")
+        host_value = (_is_host(value) and value.ndim > 0) or isinstance(value, (list, tuple))
+        if host_value:
+            fancy = _is_mask(key) or _has_host_index(key) or _has_device_index(key)
+            if _EMU.strict and not fancy:
+                # CuPy fills basic-index targets with y.fill(value): a non-scalar NumPy value raises
+                raise ValueError("emulated CuPy: non-scalar numpy.ndarray cannot be used for fill")
+            _EMU.upload("host values assigned")
+        if _has_host_index(key):
+            _EMU.upload("host index array")
         super().__setitem__(key, value)
+
+    def __array_function__(self, func, types, args, kwargs):
+        # NumPy functions on device arrays go to CuPy's (NEP 18), which refuse host operands
+        name = func.__name__
+        _refuse_host(f"np.{name}", args + tuple(kwargs.values()))
+        _count_reads(name, args)
+        with _EMU.lenient():
+            r = super().__array_function__(func, types, _plain(args), _plain(kwargs))
+        return _dev(r)
 
     def _read(self, what):
         _EMU.wait(what)
@@ -490,7 +545,7 @@ for _name in ("any", "all", "sum", "max", "min", "mean", "prod", "argmax", "argm
 
 def _emulated_asnumpy(a, stream=None, order="C", out=None, blocking=True):
     assert stream is None or isinstance(stream, _FakeStream)
-    if isinstance(a, _DeviceArray):  # cupy.asnumpy of host data reads nothing from the device
+    if isinstance(a, _DeviceArray) and blocking:  # of host data: no device read at all
         _EMU.wait("asnumpy")
     a = a.view(np.ndarray) if isinstance(a, np.ndarray) else np.asarray(a)
     if out is None:
@@ -501,7 +556,9 @@ def _emulated_asnumpy(a, stream=None, order="C", out=None, blocking=True):
 
 
 #: xp functions that read device data in CuPy (the size of their result depends on the data)
-_READING = {"bincount", "flatnonzero", "nonzero", "argwhere", "unique", "compress", "extract"}
+_READING = {"flatnonzero", "nonzero", "argwhere", "unique", "compress", "extract"}
+#: xp functions that return a device bool in CuPy where NumPy returns a Python bool
+_DEVICE_BOOL = {"array_equal", "array_equiv", "allclose"}
 #: xp functions that take host data (uploads: the host waits for a pageable copy)
 _UPLOADING = {"asarray", "array", "asanyarray"}
 
@@ -511,16 +568,18 @@ def _emulated_function(name, fn):
         if name in _UPLOADING:
             src = args[0] if args else kwargs.get("a", kwargs.get("obj"))
             if not isinstance(src, _DeviceArray):
-                if isinstance(src, np.ndarray) or isinstance(src, (list, tuple)):
-                    _EMU.wait(f"{name}(host data) (upload)")
-                return _dev(np.array(src, dtype=kwargs.get("dtype", args[1] if len(args) > 1 else None)))
+                if isinstance(src, (np.ndarray, list, tuple)):
+                    _EMU.upload(f"xp.{name}(host data)")
+                with _EMU.lenient():
+                    return _dev(np.array(src, dtype=kwargs.get("dtype", args[1] if len(args) > 1 else None)))
             return _dev(fn(*args, **kwargs))
         _refuse_host(f"xp.{name}", args + tuple(kwargs.values()))
-        if name in _READING or (name == "where" and len(args) == 1):
-            _EMU.wait(f"xp.{name}")
-        if name == "repeat" and len(args) > 1 and isinstance(args[1], np.ndarray) and args[1].ndim:
-            _EMU.wait("xp.repeat(array repeats)")
-        return _dev(fn(*args, **kwargs))
+        _count_reads(name, args)
+        with _EMU.lenient():
+            r = fn(*_plain(args), **_plain(kwargs))
+        if name in _DEVICE_BOOL:
+            return np.asarray(r).view(_DeviceArray)
+        return _dev(r)
 
     return call
 
@@ -560,7 +619,7 @@ class _FakeStream:
         assert isinstance(event, _FakeEvent)
 
     def synchronize(self) -> None:
-        pass
+        _EMU.wait("Stream.synchronize")
 
 
 class _FakeEvent:
@@ -570,7 +629,7 @@ class _FakeEvent:
         assert stream is None or isinstance(stream, _FakeStream)
 
     def synchronize(self) -> None:
-        pass
+        _EMU.wait("Event.synchronize")
 
 
 class _FakeDevice:
@@ -584,7 +643,7 @@ class _FakeDevice:
         return False
 
     def synchronize(self) -> None:
-        pass
+        _EMU.wait("Device.synchronize")
 
     def use(self) -> None:
         pass
@@ -677,7 +736,9 @@ def emulated_cupy(monkeypatch, _emulated_libs, kernel_signatures, fields_emulati
     )
     xp.launches = log
     xp.emulation = _EMU
-    _EMU.counting, _EMU.waits, _EMU.strict = False, [], True
+    _EMU.counting, _EMU.waits, _EMU.uploads, _EMU.strict = False, [], [], True
+    # device tables of this module stay out of the real CuPy's cache (device 0 both)
+    monkeypatch.setattr(bk, "_CONSTANTS", {})
     return be
 
 

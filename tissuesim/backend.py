@@ -253,20 +253,22 @@ _CONSTANTS: dict = {}
 def device_constant(be: Backend, host: np.ndarray):
     """A small host table (per-type parameters, ...) as an array of ``be``, made once per content.
 
-    On the GPU the copy happens the first time only: copying from pageable host memory inside a
-    step would make the host wait for the device. Tables are keyed by their bytes, so callers may
-    rebuild them every step on the host for free. On numpy the host array itself is returned.
+    On the GPU the copy happens the first time only: a copy from host memory inside a step
+    stages through CuPy's pinned pool (host work, and nothing CUDA stream capture can replay).
+    Tables are keyed by their bytes, so callers may rebuild them every step on the host for free.
+    On numpy the host array itself is returned. Entries belong to one array module on one device
+    (a second module, such as the tests' emulated CuPy, gets its own).
     """
     if not be.is_gpu:
         return host
     host = np.ascontiguousarray(host)
-    key = (be.device, host.dtype.str, host.shape, host.tobytes())
-    arr = _CONSTANTS.get(key)
-    if arr is None:
+    key = (id(be.xp), be.device, host.dtype.str, host.shape, host.tobytes())
+    hit = _CONSTANTS.get(key)
+    if hit is None or hit[0] is not be.xp:  # an id can be reused once its module is gone
         if len(_CONSTANTS) >= 512:
             _CONSTANTS.clear()
-        arr = _CONSTANTS[key] = be.xp.asarray(host)
-    return arr
+        hit = _CONSTANTS[key] = (be.xp, be.xp.asarray(host))
+    return hit[1]
 
 
 def env_flag(name: str) -> bool:
