@@ -6,6 +6,7 @@ the same suite is the CPU check in CI and the GPU check on a GPU machine.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import re
@@ -349,6 +350,15 @@ class _Emulation:
         self.counting = False
         self.waits: list[tuple[str, str]] = []
         self.uploads: list[tuple[str, str]] = []
+        self.ops: collections.Counter = collections.Counter()  # device operations by kind
+        self.op_sites: collections.Counter = collections.Counter()  # ... by tissuesim function
+
+    def op(self, kind: str) -> None:
+        """One device operation (a kernel launch in CuPy, roughly: some launch two or three)."""
+        if self.counting and self.strict:
+            self.ops[kind] += 1
+            where = _caller()
+            self.op_sites[f"{where.split(':')[0]} {where.rsplit(' ', 1)[-1]}"] += 1
 
     def wait(self, what: str) -> None:
         if self.counting and self.strict:
@@ -467,6 +477,7 @@ class _DeviceArray(np.ndarray):
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         out = kwargs.get("out", ())
         _refuse_host(f"{ufunc.__name__}", inputs + tuple(out))
+        _EMU.op(f"ufunc {ufunc.__name__}")
         plain = [x.view(np.ndarray) if isinstance(x, _DeviceArray) else x for x in inputs]
         if out:
             kwargs["out"] = tuple(o.view(np.ndarray) if isinstance(o, _DeviceArray) else o for o in out)
@@ -480,6 +491,8 @@ class _DeviceArray(np.ndarray):
             _EMU.wait("boolean mask index")
         elif _has_host_index(key):
             _EMU.upload("host index array")
+        if _is_mask(key) or _has_host_index(key) or _has_device_index(key):
+            _EMU.op("gather")  # basic indexing makes a view: no launch
         return _dev(super().__getitem__(key))
 
     def __setitem__(self, key, value):
@@ -494,6 +507,7 @@ class _DeviceArray(np.ndarray):
             _EMU.upload("host values assigned")
         if _has_host_index(key):
             _EMU.upload("host index array")
+        _EMU.op("assign")
         super().__setitem__(key, value)
 
     def __array_function__(self, func, types, args, kwargs):
@@ -501,6 +515,8 @@ class _DeviceArray(np.ndarray):
         name = func.__name__
         _refuse_host(f"np.{name}", args + tuple(kwargs.values()))
         _count_reads(name, args)
+        if name not in _NO_LAUNCH:
+            _EMU.op(f"xp.{name}")
         with _EMU.lenient():
             r = super().__array_function__(func, types, _plain(args), _plain(kwargs))
         return _dev(r)
@@ -530,14 +546,26 @@ class _DeviceArray(np.ndarray):
     def get(self, stream=None, order="C", out=None, blocking=True):
         return _emulated_asnumpy(self, stream, order, out, blocking)
 
+    def fill(self, value):
+        _EMU.op(".fill()")
+        self.view(np.ndarray).fill(value)
+
+    def sort(self, *a, **k):
+        _EMU.op(".sort()")
+        self.view(np.ndarray).sort(*a, **k)
+
     def nonzero(self):
         _EMU.wait(".nonzero()")
         return _dev(self.view(np.ndarray).nonzero())
 
 
-for _name in ("any", "all", "sum", "max", "min", "mean", "prod", "argmax", "argmin"):
+for _name in (
+    "any", "all", "sum", "max", "min", "mean", "prod", "argmax", "argmin",
+    "cumsum", "argsort", "take", "clip", "astype", "copy",
+):  # fmt: skip
 
     def _reduction(self, *a, _name=_name, **k):
+        _EMU.op(f".{_name}()")
         return _dev(getattr(self.view(np.ndarray), _name)(*a, **k))
 
     setattr(_DeviceArray, _name, _reduction)
@@ -557,6 +585,13 @@ def _emulated_asnumpy(a, stream=None, order="C", out=None, blocking=True):
 
 #: xp functions that read device data in CuPy (the size of their result depends on the data)
 _READING = {"flatnonzero", "nonzero", "argwhere", "unique", "compress", "extract"}
+#: xp functions that launch nothing (views, metadata, dtypes)
+_NO_LAUNCH = {
+    "reshape", "ravel", "moveaxis", "swapaxes", "transpose", "squeeze", "expand_dims",
+    "atleast_1d", "atleast_2d", "atleast_3d", "broadcast_to", "broadcast_arrays", "shape", "ndim",
+    "size", "result_type", "promote_types", "can_cast", "iinfo", "finfo", "dtype",
+    "empty", "empty_like",
+}  # fmt: skip
 #: xp functions that return a device bool in CuPy where NumPy returns a Python bool
 _DEVICE_BOOL = {"array_equal", "array_equiv", "allclose"}
 #: xp functions that take host data (uploads: the host waits for a pageable copy)
@@ -575,6 +610,8 @@ def _emulated_function(name, fn):
             return _dev(fn(*args, **kwargs))
         _refuse_host(f"xp.{name}", args + tuple(kwargs.values()))
         _count_reads(name, args)
+        if name not in _NO_LAUNCH and not isinstance(fn, np.ufunc):  # ufuncs count themselves
+            _EMU.op(f"xp.{name}")
         with _EMU.lenient():
             r = fn(*_plain(args), **_plain(kwargs))
         if name in _DEVICE_BOOL:
@@ -708,6 +745,7 @@ def emulated_cupy(monkeypatch, _emulated_libs, kernel_signatures, fields_emulati
         def launch(grid, block, args):
             _refuse_host(f"kernel {name}", args)  # RawKernel: Unsupported type numpy.ndarray
             log.append((name, args))
+            _EMU.op(f"kernel {name}")
             with _EMU.lenient():
                 kern(
                     grid, block, tuple(a.view(np.ndarray) if isinstance(a, _DeviceArray) else a for a in args)
@@ -737,6 +775,7 @@ def emulated_cupy(monkeypatch, _emulated_libs, kernel_signatures, fields_emulati
     xp.launches = log
     xp.emulation = _EMU
     _EMU.counting, _EMU.waits, _EMU.uploads, _EMU.strict = False, [], [], True
+    _EMU.ops, _EMU.op_sites = collections.Counter(), collections.Counter()
     # device tables of this module stay out of the real CuPy's cache (device 0 both)
     monkeypatch.setattr(bk, "_CONSTANTS", {})
     return be

@@ -19,6 +19,8 @@ arithmetic or CuPy's own behaviour. Tests that take ``gpu_be`` need the GPU itse
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -351,3 +353,18 @@ def test_a_step_on_the_device_waits_for_it_once(emulated_cupy):
         {"extravasate_fill", "init_velocity_fill"} - ran
     )
     assert min(events.values()) > 0, events
+    # Census of the device operations (CuPy kernel launches, roughly) per step, by tissuesim
+    # function: the GPU step is bound by their host cost (~5-10 us each in CuPy). A bound, so a
+    # change that adds launches to the step is seen; TISSUESIM_CENSUS_JSON=path writes the census.
+    per_step_ops = sum(emu.ops.values()) / 40
+    census = {
+        "what": "device operations per step of the CuPy path, counted on the emulated CuPy "
+        "(ufuncs, xp functions, gathers, assignments, reductions, kernels; grid=tiny, cd19, 40 "
+        "steps with arrivals, kills, divisions, deaths, exits)",
+        "per_step": per_step_ops,
+        "by_function": {k: v / 40 for k, v in emu.op_sites.most_common()},
+        "by_kind": {k: v / 40 for k, v in emu.ops.most_common()},
+    }
+    if os.environ.get("TISSUESIM_CENSUS_JSON"):
+        Path(os.environ["TISSUESIM_CENSUS_JSON"]).write_text(json.dumps(census, indent=1) + "\n")
+    assert per_step_ops <= 260, census["by_function"]
