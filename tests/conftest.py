@@ -660,7 +660,16 @@ class _FakeStream:
 
 
 class _FakeEvent:
-    done = True
+    """A recorded event: not done at the first query, done from the second on (so the code that
+    waits for a copy still in flight runs too)."""
+
+    def __init__(self):
+        self._queries = 0
+
+    @property
+    def done(self) -> bool:
+        self._queries += 1
+        return self._queries > 1
 
     def record(self, stream=None) -> None:
         assert stream is None or isinstance(stream, _FakeStream)
