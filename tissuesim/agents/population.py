@@ -190,34 +190,33 @@ class Population:
         div = xp.asarray(divide, dtype=bool)[:n] & keep
         kr = xp.cumsum(keep, dtype=np.int64)  # survivor rank + 1
         dr = xp.cumsum(div, dtype=np.int64)  # daughter rank + 1
-        n_keep = kr[-1]
-        # The new rows are assembled in work arrays of 2n rows (room for a daughter of every
-        # cell, as the number of births is not known yet) plus a spare last row that the rows
-        # which go write into; they are copied back once the counts are read.
-        spare = 2 * n
-        dest = xp.where(keep, kr - 1, spare)
-        ddest = xp.where(div, n_keep + dr - 1, spare)
-        work = {}
-        for name, a in self._arrays.items():
-            tmp = xp.full((spare + 1, *a.shape[1:]), self._fill[name], dtype=a.dtype)
-            tmp[dest] = a[:n]
-            if name == "id":
-                tmp[ddest] = self.next_id + dr - 1
-            elif name in inherit:
-                tmp[ddest] = a[:n]
-            work[name] = tmp
-        parts = [n_keep[None], dr[-1:]] + ([] if ex is None else [ex])
+        parts = [kr[-1:], dr[-1:]] + ([] if ex is None else [ex])
         got = self.be.asnumpy(xp.concatenate(parts))  # the one sync
         kept, born = int(got[0]), int(got[1])
+        extra_out = got[2:] if ex is not None else None
+        if kept == n and born == 0:  # most steps: nothing to move (and no launch on the GPU)
+            return 0, 0, extra_out
+        # The source row of every new row: survivors in order, then one daughter per dividing
+        # row in row order; rows that go (and non-dividing rows, for the daughters' map) write
+        # into a spare last entry.
         new_n = kept + born
+        rows = xp.arange(n, dtype=np.int64)
+        src = xp.empty(new_n + 1, dtype=np.int64)
+        src[xp.where(keep, kr - 1, new_n)] = rows
+        src[xp.where(div, kr[-1] + dr - 1, new_n)] = rows
+        src = src[:new_n]
         self.reserve(new_n)  # grows as add() would: doubling to fit
         for name, a in self._arrays.items():
-            a[:new_n] = work[name][:new_n]
+            a[:new_n] = a[src]  # the gather is a new array: reading and writing rows do not mix
+            if born and name == "id":
+                a[kept:new_n] = xp.arange(self.next_id, self.next_id + born, dtype=a.dtype)
+            elif born and name not in inherit:
+                a[kept:new_n] = self._fill[name]
             if new_n < n:
                 a[new_n:n] = self._fill[name]
         self.n = new_n
         self.next_id += born
-        return n - kept, born, (got[2:] if ex is not None else None)
+        return n - kept, born, extra_out
 
     def counts_by_type(self, ntypes: int):
         """Live cells per type, int64 (ntypes,) on the device. Not for inside a step on CuPy:
