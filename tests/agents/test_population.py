@@ -81,8 +81,12 @@ def test_counts_by_type(be):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_remove_and_divide_equals_remove_then_add(be, seed):
-    """The one-read compaction gives the buffers that remove() then add() of the daughters give."""
+@pytest.mark.parametrize(
+    "p_gone,p_div", [(0.3, 0.4), (0.0, 0.4), (0.3, 0.0), (0.0, 0.0)], ids=["both", "births", "deaths", "none"]
+)
+def test_remove_and_divide_equals_remove_then_add(be, seed, p_gone, p_div):
+    """The one-read compaction gives the buffers that remove() then add() of the daughters give,
+    with cells going and dividing, only dividing, only going, or neither."""
     rs = np.random.default_rng(seed)
     pops = []
     n = 300 if seed else 1  # one cell: the smallest population
@@ -100,8 +104,12 @@ def test_remove_and_divide_equals_remove_then_add(be, seed):
         p["busy_until"][:n] = be.asarray(busy)
         p.velocity[:n] = be.asarray(vel)
         pops.append(p)
-    gone = rs.random(n) < 0.3
-    divide = rs.random(n) < 0.4  # some of them gone too: those do not divide
+    gone = rs.random(n) < p_gone
+    divide = rs.random(n) < p_div  # some of them gone too: those do not divide
+    if seed and p_gone:
+        assert gone.any()
+    if seed and p_div:
+        assert (divide & ~gone).any()
     inherit = ("position", "type", "state", "kills")
     a, b = pops
     parents = np.flatnonzero(divide & ~gone)
