@@ -610,8 +610,8 @@ def _emulated_function(name, fn):
             return _dev(fn(*args, **kwargs))
         _refuse_host(f"xp.{name}", args + tuple(kwargs.values()))
         _count_reads(name, args)
-        if name not in _NO_LAUNCH and not isinstance(fn, np.ufunc):  # ufuncs count themselves
-            _EMU.op(f"xp.{name}")
+        if name not in _NO_LAUNCH:  # (called with plain arrays: __array_ufunc__ does not count)
+            _EMU.op(f"ufunc {name}" if isinstance(fn, np.ufunc) else f"xp.{name}")
         with _EMU.lenient():
             r = fn(*_plain(args), **_plain(kwargs))
         if name in _DEVICE_BOOL:

@@ -20,3 +20,26 @@ def test_column_form_equals_voxel_index(be, grid):
     got = grid._voxel_index_columns(be.asarray(pos), be.xp)
     np.testing.assert_array_equal(be.asnumpy(got), ref)
     np.testing.assert_array_equal(be.asnumpy(grid.voxel_index(be.asarray(pos), xp=be.xp)), ref)
+
+
+@pytest.mark.parametrize("grid", [Grid((1, 30, 40), 10.0, origin=(5.0, -20.0, 0.0)), Grid((7, 9, 11), 2.5)])
+def test_device_form_equals_voxel_index(emulated_cupy, grid):
+    """The form CuPy takes (the grid's origin, bounds and strides put on the device once) gives
+    the NumPy form's indices, on the emulated CuPy (on a GPU the test above covers it)."""
+    rs = np.random.default_rng(1)
+    lo = np.array(grid.origin) - 5.0
+    hi = np.array(grid.origin) + np.array(grid.extent_um) + 5.0
+    pos = (lo + rs.random((3000, 3)) * (hi - lo)).astype(np.float32)
+    pos[:400, 1] = (grid.origin[1] + rs.integers(0, grid.ny + 1, 400) * grid.dx).astype(np.float32)
+    xp = emulated_cupy.xp
+    dev = emulated_cupy.asarray(pos)
+    emu = xp.emulation
+    emu.counting = True
+    try:
+        for _ in range(2):
+            got = grid.voxel_index(dev, xp=xp)
+    finally:
+        emu.counting = False
+    np.testing.assert_array_equal(emulated_cupy.asnumpy(got), grid.voxel_index(pos))
+    # tables went up once (first call), nothing is read back
+    assert len(emu.uploads) == 3 and emu.waits == []

@@ -94,6 +94,30 @@ class Grid:
                 object.__setattr__(self, "_index_tables", tables)
             np.minimum(ijk, tables[0], out=ijk)
             return ijk @ tables[1]
+        if positions.ndim == 2 and positions.shape[1] == 3:
+            # the same arithmetic on the device, with the grid's tables put there once: some 8
+            # array operations (CuPy launches) instead of the column form's 16
+            cache = self.__dict__.get("_device_index_tables")
+            if cache is None:
+                cache = {}
+                object.__setattr__(self, "_device_index_tables", cache)
+            hit = cache.get((id(xp), positions.dtype.str))
+            if hit is None or hit[0] is not xp:  # an id is reused only once its module is gone
+                nz, ny, nx = self.shape
+                hit = cache[(id(xp), positions.dtype.str)] = (
+                    xp,
+                    xp.asarray(np.asarray(self.origin, dtype=positions.dtype)),
+                    xp.asarray(np.array([nx - 1, ny - 1, nz - 1], dtype=np.int64)),
+                    xp.asarray(np.array([1, nx, nx * ny], dtype=np.int64)),
+                )
+            _, origin, upper, strides = hit
+            c = positions - origin
+            c /= self.dx
+            ijk = xp.floor(c, out=c).astype(xp.int64)
+            xp.maximum(ijk, 0, out=ijk)
+            xp.minimum(ijk, upper, out=ijk)
+            ijk *= strides
+            return ijk.sum(axis=1)
         return self._voxel_index_columns(positions, xp)
 
     def _voxel_index_columns(self, positions, xp):
