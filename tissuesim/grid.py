@@ -101,10 +101,12 @@ class Grid:
             if cache is None:
                 cache = {}
                 object.__setattr__(self, "_device_index_tables", cache)
-            hit = cache.get((id(xp), positions.dtype.str))
-            if hit is None or hit[0] is not xp:  # an id is reused only once its module is gone
+            # per array module, device and dtype (an id is reused only once its module is gone)
+            key = (id(xp), str(getattr(positions, "device", None)), positions.dtype.str)
+            hit = cache.get(key)
+            if hit is None or hit[0] is not xp:
                 nz, ny, nx = self.shape
-                hit = cache[(id(xp), positions.dtype.str)] = (
+                hit = cache[key] = (
                     xp,
                     xp.asarray(np.asarray(self.origin, dtype=positions.dtype)),
                     xp.asarray(np.array([nx - 1, ny - 1, nz - 1], dtype=np.int64)),
