@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -41,5 +43,23 @@ def test_device_form_equals_voxel_index(emulated_cupy, grid):
     finally:
         emu.counting = False
     np.testing.assert_array_equal(emulated_cupy.asnumpy(got), grid.voxel_index(pos))
-    # tables went up once (first call), nothing is read back
+    # tables went up once (first call), nothing is read back, and the Grid stays picklable
     assert len(emu.uploads) == 3 and emu.waits == []
+    assert pickle.loads(pickle.dumps(grid)) == grid
+
+
+def test_device_form_makes_no_tables_while_a_capture_records(emulated_cupy, monkeypatch):
+    """Inside a CUDA stream capture an upload would only be recorded: voxel_index then takes the
+    column form (the same indices) and caches nothing."""
+    import types
+
+    from tissuesim import grid as grid_module
+
+    grid = Grid((3, 5, 4), 10.0, origin=(1.0, 2.0, 3.0))
+    xp = emulated_cupy.xp
+    capturing = types.SimpleNamespace(is_capturing=lambda: True)
+    monkeypatch.setattr(xp.cuda, "get_current_stream", lambda: capturing)
+    pos = np.random.default_rng(2).uniform(-5, 60, (200, 3)).astype(np.float32)
+    got = grid.voxel_index(emulated_cupy.asarray(pos), xp=xp)
+    np.testing.assert_array_equal(emulated_cupy.asnumpy(got), grid.voxel_index(pos))
+    assert not any(k[0] == grid for k in grid_module._DEVICE_INDEX_TABLES)

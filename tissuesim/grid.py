@@ -2,9 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
+
+#: device copies of each grid's origin, upper bounds and flat strides, per array module,
+#: device and dtype (kept here, not on the frozen Grid, so a Grid stays picklable)
+_DEVICE_INDEX_TABLES: dict = {}
+
+
+def _device_index_tables(grid, positions, xp):
+    """(xp, origin, upper, strides) on the device of ``positions`` for Grid.voxel_index, made at
+    the first call; None while a CUDA stream capture is recording (an upload there would only be
+    recorded, and the cache would keep uninitialised memory)."""
+    device = getattr(positions, "device", None)
+    key = (grid, id(xp), str(device), positions.dtype.str)
+    hit = _DEVICE_INDEX_TABLES.get(key)
+    if hit is not None and hit[0] is xp:  # an id is reused only once its module is gone
+        return hit
+    cuda = getattr(xp, "cuda", None)
+    stream = cuda.get_current_stream() if cuda is not None else None
+    if stream is not None and getattr(stream, "is_capturing", lambda: False)():
+        return None
+    nz, ny, nx = grid.shape
+    # upload to the positions' device, which need not be the current one
+    with device if hasattr(device, "__enter__") else contextlib.nullcontext():
+        hit = (
+            xp,
+            xp.asarray(np.asarray(grid.origin, dtype=positions.dtype)),
+            xp.asarray(np.array([nx - 1, ny - 1, nz - 1], dtype=np.int64)),
+            xp.asarray(np.array([1, nx, nx * ny], dtype=np.int64)),
+        )
+    if len(_DEVICE_INDEX_TABLES) >= 64:
+        _DEVICE_INDEX_TABLES.clear()
+    _DEVICE_INDEX_TABLES[key] = hit
+    return hit
 
 
 @dataclass(frozen=True)
@@ -96,22 +129,10 @@ class Grid:
             return ijk @ tables[1]
         if positions.ndim == 2 and positions.shape[1] == 3:
             # the same arithmetic on the device, with the grid's tables put there once: some 8
-            # array operations (CuPy launches) instead of the column form's 16
-            cache = self.__dict__.get("_device_index_tables")
-            if cache is None:
-                cache = {}
-                object.__setattr__(self, "_device_index_tables", cache)
-            # per array module, device and dtype (an id is reused only once its module is gone)
-            key = (id(xp), str(getattr(positions, "device", None)), positions.dtype.str)
-            hit = cache.get(key)
-            if hit is None or hit[0] is not xp:
-                nz, ny, nx = self.shape
-                hit = cache[key] = (
-                    xp,
-                    xp.asarray(np.asarray(self.origin, dtype=positions.dtype)),
-                    xp.asarray(np.array([nx - 1, ny - 1, nz - 1], dtype=np.int64)),
-                    xp.asarray(np.array([1, nx, nx * ny], dtype=np.int64)),
-                )
+            # array operations (CuPy launches) instead of the column form's 19
+            hit = _device_index_tables(self, positions, xp)
+            if hit is None:
+                return self._voxel_index_columns(positions, xp)
             _, origin, upper, strides = hit
             c = positions - origin
             c /= self.dx
