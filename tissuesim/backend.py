@@ -11,6 +11,7 @@ cache, after the pattern of cupyx.scipy.ndimage.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -256,18 +257,36 @@ def device_constant(be: Backend, host: np.ndarray):
     On the GPU the copy happens the first time only: a copy from host memory inside a step
     stages through CuPy's pinned pool (host work, and nothing CUDA stream capture can replay).
     Tables are keyed by their bytes, so callers may rebuild them every step on the host for free.
-    On numpy the host array itself is returned. Entries belong to one array module on one device
-    (a second module, such as the tests' emulated CuPy, gets its own).
+    On numpy the host array itself is returned.
     """
     if not be.is_gpu:
         return host
+    return device_table(be.xp, host, be.device)
+
+
+def device_table(xp, host: np.ndarray, device=None, in_capture: bool = True):
+    """``host`` as an array of the array module ``xp`` on ``device`` (a CuPy Device, its number,
+    or None for the current one), made once per content and cached (device_constant's cache).
+
+    Entries belong to one array module (a second one, such as the tests' emulated CuPy, gets its
+    own). ``in_capture=False``: return None instead of making a missing entry while a CUDA stream
+    capture records (the upload would only be recorded, and the cache would keep uninitialised
+    memory)."""
     host = np.ascontiguousarray(host)
-    key = (id(be.xp), be.device, host.dtype.str, host.shape, host.tobytes())
+    key = (id(xp), str(device), host.dtype.str, host.shape, host.tobytes())
     hit = _CONSTANTS.get(key)
-    if hit is None or hit[0] is not be.xp:  # an id can be reused once its module is gone
-        if len(_CONSTANTS) >= 512:
-            _CONSTANTS.clear()
-        hit = _CONSTANTS[key] = (be.xp, be.xp.asarray(host))
+    if hit is not None and hit[0] is xp:  # an id can be reused once its module is gone
+        return hit[1]
+    if not in_capture:
+        cuda = getattr(xp, "cuda", None)
+        stream = cuda.get_current_stream() if cuda is not None else None
+        if stream is not None and getattr(stream, "is_capturing", lambda: False)():
+            return None
+    if len(_CONSTANTS) >= 512:
+        _CONSTANTS.clear()
+    # made on ``device``, which need not be the current one
+    with device if hasattr(device, "__enter__") else contextlib.nullcontext():
+        hit = _CONSTANTS[key] = (xp, xp.asarray(host))
     return hit[1]
 
 

@@ -2,42 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
-
-#: device copies of each grid's origin, upper bounds and flat strides, per array module,
-#: device and dtype (kept here, not on the frozen Grid, so a Grid stays picklable)
-_DEVICE_INDEX_TABLES: dict = {}
-
-
-def _device_index_tables(grid, positions, xp):
-    """(xp, origin, upper, strides) on the device of ``positions`` for Grid.voxel_index, made at
-    the first call; None while a CUDA stream capture is recording (an upload there would only be
-    recorded, and the cache would keep uninitialised memory)."""
-    device = getattr(positions, "device", None)
-    key = (grid, id(xp), str(device), positions.dtype.str)
-    hit = _DEVICE_INDEX_TABLES.get(key)
-    if hit is not None and hit[0] is xp:  # an id is reused only once its module is gone
-        return hit
-    cuda = getattr(xp, "cuda", None)
-    stream = cuda.get_current_stream() if cuda is not None else None
-    if stream is not None and getattr(stream, "is_capturing", lambda: False)():
-        return None
-    nz, ny, nx = grid.shape
-    # upload to the positions' device, which need not be the current one
-    with device if hasattr(device, "__enter__") else contextlib.nullcontext():
-        hit = (
-            xp,
-            xp.asarray(np.asarray(grid.origin, dtype=positions.dtype)),
-            xp.asarray(np.array([nx - 1, ny - 1, nz - 1], dtype=np.int64)),
-            xp.asarray(np.array([1, nx, nx * ny], dtype=np.int64)),
-        )
-    if len(_DEVICE_INDEX_TABLES) >= 64:
-        _DEVICE_INDEX_TABLES.clear()
-    _DEVICE_INDEX_TABLES[key] = hit
-    return hit
 
 
 @dataclass(frozen=True)
@@ -113,27 +80,24 @@ class Grid:
         if xp is np and positions.ndim == 2:
             # the arithmetic of _voxel_index_columns in fewer array operations: clip = max then
             # min, and the flat index k nx ny + j nx + i as one integer product (exact in int64)
+            upper, strides = self._index_tables()
             c = positions - np.asarray(self.origin, dtype=positions.dtype)
             c /= self.dx
             ijk = np.floor(c, out=c).astype(np.int64)
             np.maximum(ijk, 0, out=ijk)
-            tables = self.__dict__.get("_index_tables")
-            if tables is None:  # per-axis upper bounds and flat strides of (i, j, k), made once
-                nz, ny, nx = self.shape
-                tables = (
-                    np.array([nx - 1, ny - 1, nz - 1], dtype=np.int64),
-                    np.array([1, nx, nx * ny], dtype=np.int64),
-                )
-                object.__setattr__(self, "_index_tables", tables)
-            np.minimum(ijk, tables[0], out=ijk)
-            return ijk @ tables[1]
+            np.minimum(ijk, upper, out=ijk)
+            return ijk @ strides
         if positions.ndim == 2 and positions.shape[1] == 3:
             # the same arithmetic on the device, with the grid's tables put there once: some 8
             # array operations (CuPy launches) instead of the column form's 19
-            hit = _device_index_tables(self, positions, xp)
-            if hit is None:
+            from tissuesim.backend import device_table
+
+            device = getattr(positions, "device", None)
+            origin = np.asarray(self.origin, dtype=positions.dtype)
+            tables = [device_table(xp, t, device, in_capture=False) for t in (origin, *self._index_tables())]
+            if any(t is None for t in tables):  # first call inside a stream capture
                 return self._voxel_index_columns(positions, xp)
-            _, origin, upper, strides = hit
+            origin, upper, strides = tables
             c = positions - origin
             c /= self.dx
             ijk = xp.floor(c, out=c).astype(xp.int64)
@@ -142,6 +106,18 @@ class Grid:
             ijk *= strides
             return ijk.sum(axis=1)
         return self._voxel_index_columns(positions, xp)
+
+    def _index_tables(self):
+        """int64 (3,) per-axis upper bounds and flat strides of (i, j, k), made once."""
+        tables = self.__dict__.get("_index_tables_")
+        if tables is None:
+            nz, ny, nx = self.shape
+            tables = (
+                np.array([nx - 1, ny - 1, nz - 1], dtype=np.int64),
+                np.array([1, nx, nx * ny], dtype=np.int64),
+            )
+            object.__setattr__(self, "_index_tables_", tables)
+        return tables
 
     def _voxel_index_columns(self, positions, xp):
         """voxel_index one axis at a time with the origin as scalars: the same float32 and int64

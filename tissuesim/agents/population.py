@@ -203,7 +203,7 @@ class Population:
         rows = xp.arange(n, dtype=np.int64)
         src = xp.empty(new_n + 1, dtype=np.int64)
         src[xp.where(keep, kr - 1, new_n)] = rows
-        src[xp.where(div, kr[-1] + dr - 1, new_n)] = rows
+        src[xp.where(div, kept + dr - 1, new_n)] = rows
         src = src[:new_n]
         self.reserve(new_n)  # grows as add() would: doubling to fit
         for name, a in self._arrays.items():
