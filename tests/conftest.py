@@ -40,7 +40,12 @@ def build_host_kernels(tmp_path_factory):
     NVRTC's --fmad=false, keeps fused multiply-adds out, so float arithmetic rounds as NumPy's.
     """
 
+    built: dict = {}  # by shim: a shim is built once per session whoever asks
+
     def build(name: str, shim: Path):
+        key = Path(shim).resolve()
+        if key in built:
+            return built[key]
         cxx = shutil.which("g++")
         if cxx is None:
             pytest.skip("g++ not found: no host emulation of the CUDA kernels")
@@ -54,6 +59,7 @@ def build_host_kernels(tmp_path_factory):
         lib = ctypes.CDLL(str(out))
         lib.emu_set_1d.argtypes = [ctypes.c_uint] * 6
         lib.emu_set_1d.restype = None
+        built[key] = lib
         return lib
 
     return build
@@ -235,13 +241,7 @@ class _FieldsEmulatedKernel:
         assert type(a) is scalars[kind], (
             f"{self.name}: scalar {a!r} ({type(a)}) where {scalars[kind]} expected"
         )
-        ct = {
-            np.int32: ctypes.c_int32,
-            np.int64: ctypes.c_int64,
-            np.float32: ctypes.c_float,
-            np.float64: ctypes.c_double,
-        }
-        return ct[scalars[kind]](a)
+        return _CTYPE[scalars[kind]](a)
 
     def __call__(self, grid, block, args):
         assert len(args) == len(self.sig), (
@@ -350,6 +350,8 @@ class _Emulation:
         self.counting = False
         self.waits: list[tuple[str, str]] = []
         self.uploads: list[tuple[str, str]] = []
+        self.stream = None  # the current stream of the emulated CuPy
+        self.pinned: dict[int, np.ndarray] = {}  # pinned host buffers by address
         self.ops: collections.Counter = collections.Counter()  # device operations by kind
         self.op_sites: collections.Counter = collections.Counter()  # ... by tissuesim function
 
@@ -367,6 +369,15 @@ class _Emulation:
     def upload(self, what: str) -> None:
         if self.counting and self.strict:
             self.uploads.append((what, _caller()))
+
+    @contextlib.contextmanager
+    def counted(self):
+        """Count waits, uploads and operations inside the block."""
+        self.counting = True
+        try:
+            yield self
+        finally:
+            self.counting = False
 
     @contextlib.contextmanager
     def lenient(self):
@@ -468,8 +479,9 @@ class _DeviceArray(np.ndarray):
 
         class _MemoryPointer:
             def copy_from_host_async(self, ptr, nbytes, stream):
-                assert isinstance(stream, _FakeStream), f"upload on {stream!r}, not a stream"
+                assert stream is _EMU.stream, f"upload on {stream!r}, not the current stream"
                 assert isinstance(ptr, int) and nbytes == arr.nbytes, (ptr, nbytes, arr.nbytes)
+                assert ptr in _EMU.pinned, "an asynchronous upload from memory that is not pinned"
                 ctypes.memmove(arr.ctypes.data, ptr, nbytes)
 
         return _MemoryPointer()
@@ -643,8 +655,8 @@ def _emulated_xp():
 
 
 class _FakeStream:
-    def __init__(self, null=False, non_blocking=False):
-        self.null = null
+    def __init__(self, non_blocking=False):
+        pass
 
     def __enter__(self):
         return self
@@ -680,7 +692,7 @@ class _FakeEvent:
 
 class _FakeDevice:
     def __init__(self, device=0):
-        self.id = device
+        pass
 
     def __enter__(self):
         return self
@@ -726,7 +738,7 @@ def emulated_cupy(monkeypatch, _emulated_libs, kernel_signatures, fields_emulati
     from tissuesim.fields.fieldset import FieldSet
 
     xp = _emulated_xp()
-    null = _FakeStream(null=True)
+    null = _FakeStream()
     xp.cuda = types.SimpleNamespace(
         Device=_FakeDevice,
         Stream=_FakeStream,
@@ -753,6 +765,8 @@ def emulated_cupy(monkeypatch, _emulated_libs, kernel_signatures, fields_emulati
 
         def launch(grid, block, args):
             _refuse_host(f"kernel {name}", args)  # RawKernel: Unsupported type numpy.ndarray
+            if name == "blood_step":  # one thread integrates the whole compartment
+                assert tuple(grid) == tuple(block) == (1,), (grid, block)
             log.append((name, args))
             _EMU.op(f"kernel {name}")
             with _EMU.lenient():
@@ -763,7 +777,9 @@ def emulated_cupy(monkeypatch, _emulated_libs, kernel_signatures, fields_emulati
         return launch
 
     def pinned(shape, dtype=np.float64):
-        return np.empty(shape, dtype=dtype)
+        a = np.empty(shape, dtype=dtype)
+        _EMU.pinned[a.ctypes.data] = a  # listed, and kept alive while listed
+        return a
 
     def scatter_add(a, index, value):
         _refuse_host("cupyx.scatter_add", (a, index, value))
@@ -784,6 +800,7 @@ def emulated_cupy(monkeypatch, _emulated_libs, kernel_signatures, fields_emulati
     xp.launches = log
     xp.emulation = _EMU
     _EMU.counting, _EMU.waits, _EMU.uploads, _EMU.strict = False, [], [], True
+    _EMU.stream, _EMU.pinned = null, {}
     _EMU.ops, _EMU.op_sites = collections.Counter(), collections.Counter()
     # device tables of this module stay out of the real CuPy's cache (device 0 both)
     monkeypatch.setattr(bk, "_CONSTANTS", {})

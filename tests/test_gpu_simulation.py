@@ -270,18 +270,25 @@ def test_blood_step_on_the_device_equals_the_host_blood(cupy_be, paths):
     np.testing.assert_array_equal(cupy_be.asnumpy(a.c_blood), cupy_be.asnumpy(b.c_blood))
 
 
+def _tiny_from_numpy_state(*overrides: str):
+    """(a, b): a NumPy and a CuPy simulation of the tiny preset with CD19 CAR-T, both at a's state
+    of day 0.5, b with 40 fresh killer-target pairs."""
+    a = _sim("numpy", "cd19", "grid=tiny", *overrides)
+    a.run(until_day=0.5)
+    arrays, meta = checkpoint.capture(a)
+    b = _sim("cupy", "cd19", "grid=tiny", *overrides)
+    checkpoint.restore(b, arrays, meta)
+    _engage(b, 40)
+    return a, b
+
+
 def test_every_kernel_of_the_step_emulated_follows_numpy(emulated_cupy):
     """The step's CuPy path with every kernel emulated, the field kernels too (the tests above keep
     the fields on their NumPy twins for speed): 20 steps of the tiny preset with CD19 CAR-T, from
     one NumPy state. Every kernel the step uses is launched, no flag is raised, and the fields,
     cells and blood follow the NumPy run (float32 rounding: the kernels' libm and summation order)."""
-    a = _sim("numpy", "cd19", "grid=tiny")
-    a.run(until_day=0.5)
-    arrays, meta = checkpoint.capture(a)
-    b = _sim("cupy", "cd19", "grid=tiny")
+    a, b = _tiny_from_numpy_state()
     assert b.backend is emulated_cupy and b.fields.be is emulated_cupy
-    checkpoint.restore(b, arrays, meta)
-    _engage(b, 40)
     _engage(a, 40)
     for _ in range(20):
         a.step()
@@ -311,12 +318,7 @@ def test_a_step_on_the_device_waits_for_it_once(emulated_cupy):
     the step could not replay it). (On a GPU, bench/syncs.py counts the real waits.)"""
     # monocytes arriving every few steps (the defaults bring a few a day to the tiny patch)
     more = "biology.extravasation_per_ul_per_vessel_voxel_per_min.macrophage=5e-6"
-    a = _sim("numpy", "cd19", "grid=tiny", more)
-    a.run(until_day=0.5)
-    arrays, meta = checkpoint.capture(a)
-    b = _sim("cupy", "cd19", "grid=tiny", more)
-    checkpoint.restore(b, arrays, meta)
-    _engage(b, 40)
+    _, b = _tiny_from_numpy_state(more)
     # warm-up: the first step after a restore reads the blood once more, and each per-type
     # table goes up to the device the first time it is used (device_constant), once per run
     for _ in range(40):
@@ -335,14 +337,11 @@ def test_a_step_on_the_device_waits_for_it_once(emulated_cupy):
     imm._births_and_exits_device = spy
     first = len(launches)
     per_step = []
-    emu.counting = True
-    try:
+    with emu.counted():
         for _ in range(40):
             k = len(emu.waits)
             b.step()
             per_step.append(len(emu.waits) - k)
-    finally:
-        emu.counting = False
     assert per_step == [1] * 40, (per_step, sorted(set(emu.waits)))
     assert {where for _, where in emu.waits} == {emu.waits[0][1]}
     assert "remove_and_divide" in emu.waits[0][1]

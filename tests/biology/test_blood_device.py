@@ -16,7 +16,6 @@ Three checks, none needing a GPU:
 
 from __future__ import annotations
 
-import ctypes
 import math
 import types
 from pathlib import Path
@@ -25,7 +24,6 @@ import numpy as np
 import pytest
 
 import tissuesim
-from tissuesim import backend as bk
 from tissuesim.backend import NUMPY
 from tissuesim.biology.blood import Blood
 from tissuesim.biology.blood_device import META, OUT_META, DeviceBlood, run_host
@@ -47,8 +45,8 @@ CFG = [
 ]
 
 
-def _sim(device: bool, cfg=CFG, device_paths: bool = False):
-    sim = tissuesim.Simulation(tissuesim.load_config(cfg))
+def _sim(device: bool, device_paths: bool = False):
+    sim = tissuesim.Simulation(tissuesim.load_config(CFG))
     sim.immunology.blood_on_device = device
     sim.immunology.device_paths = device_paths
     return sim
@@ -182,9 +180,7 @@ def test_blood_course_through_the_device_step_is_bitwise_the_host_course():
 
 @pytest.fixture(scope="module")
 def emu_blood(build_host_kernels):
-    lib = build_host_kernels("emu_blood", Path(__file__).resolve().parent / "cuda_host_shim_blood.cpp")
-    lib.blood_step.restype = None
-    return lib
+    return build_host_kernels("emu_blood", Path(__file__).resolve().parent / "cuda_host_shim_blood.cpp")
 
 
 @pytest.fixture(scope="module")
@@ -192,31 +188,36 @@ def blood_kernel(emu_blood, kernel_signatures, emulated_kernel):
     """run(db, up, left, dt_min, apply_exits) -> (out, cb) float64: blood_step built for the host,
     called through conftest's EmulatedKernel (argument types from blood.cu, guard bytes checked,
     const inputs left alone)."""
-    sig = kernel_signatures("blood.cu")["blood_step"]
-    return lambda *a: _kernel(emu_blood, sig, emulated_kernel, *a)
-
-
-def _kernel(lib, sig, emulated_kernel, db: DeviceBlood, up, left, dt_min: float, apply_exits: bool):
-    out = np.full(2 * db.nv + OUT_META, -7.0)
-    cb = np.full(len(db.field_names), -7.0)
-    args = (
-        np.array(up, dtype=np.float64),
-        np.array(left, dtype=np.int64),
-        db.prm.copy(),
-        db.iprm.copy(),
-        np.float64(dt_min),
-        np.int32(int(apply_exits)),
-        np.int32(int(db.cb_f32)),
-        out,
-        cb,
+    kernel = emulated_kernel(
+        emu_blood, "blood_step", kernel_signatures("blood.cu")["blood_step"], "forward", []
     )
-    emulated_kernel(lib, "blood_step", sig, "forward", [])((1,), (1,), args)
-    return out, cb
+
+    def run(db: DeviceBlood, up, left, dt_min: float, apply_exits: bool):
+        out, cb = _outputs(db)
+        args = (
+            np.array(up, dtype=np.float64),
+            np.array(left, dtype=np.int64),
+            db.prm.copy(),
+            db.iprm.copy(),
+            np.float64(dt_min),
+            np.int32(int(apply_exits)),
+            np.int32(int(db.cb_f32)),
+            out,
+            cb,
+        )
+        kernel((1,), (1,), args)
+        return out, cb
+
+    return run
+
+
+def _outputs(db: DeviceBlood):
+    """Output buffers of the blood step (out, cb), float64, filled with -7 (written or not shows)."""
+    return np.full(2 * db.nv + OUT_META, -7.0), np.full(len(db.field_names), -7.0)
 
 
 def _host(db: DeviceBlood, up, left, dt_min: float, apply_exits: bool):
-    out = np.full(2 * db.nv + OUT_META, -7.0)
-    cb = np.full(len(db.field_names), -7.0)
+    out, cb = _outputs(db)
     run_host(
         db, np.asarray(up, dtype=np.float64), np.asarray(left, dtype=np.int64), dt_min, apply_exits, out, cb
     )
@@ -385,93 +386,32 @@ def test_pending_advance_is_redone_when_the_host_changed_anything():
 
 # --------------------------------------------------------------------------- the CuPy path, emulated
 
-_STREAM = object()
-#: the pinned buffers handed out by the current fake_cupy, by address (kept alive, so no other
-#: array can take an address while it is listed)
-_PINNED: dict[int, np.ndarray] = {}
 
-
-class _DevArray(np.ndarray):
-    """A NumPy array standing in for a cupy.ndarray in DeviceBlood's CuPy path: ``.data`` has
-    copy_from_host_async (checked: the compute stream, the whole array, from the pinned buffer)."""
-
-    @property
-    def data(self):
-        arr = self
-
-        class _Ptr:
-            def copy_from_host_async(self, ptr, nbytes, stream):
-                assert stream is _STREAM, "the upload must go on the current (compute) stream"
-                assert nbytes == arr.nbytes and ptr in _PINNED, "upload from the pinned buffer"
-                ctypes.memmove(arr.ctypes.data, ptr, nbytes)
-
-        return _Ptr()
-
-
-@pytest.fixture
-def fake_cupy(emu_blood, monkeypatch, kernel_signatures, emulated_kernel):
-    """A Backend named cupy whose arrays are _DevArray and whose blood_step is the host build."""
-    import sys
-
-    def dev(a):
-        return np.asarray(a).view(_DevArray)
-
-    xp = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
-    xp.asarray = lambda a, dtype=None: dev(np.asarray(a, dtype=dtype))
-    xp.empty = lambda *a, **k: dev(np.empty(*a, **k))
-    xp.zeros = lambda *a, **k: dev(np.zeros(*a, **k))
-    xp.ascontiguousarray = lambda a, dtype=None: dev(np.ascontiguousarray(a, dtype=dtype))
-    xp.asnumpy = lambda a: np.array(a)
-    xp.cuda = types.SimpleNamespace(get_current_stream=lambda: _STREAM)
-
-    _PINNED.clear()
-
-    def empty_pinned(shape, dtype):
-        a = np.empty(shape, dtype)
-        _PINNED[a.ctypes.data] = a
-        return a
-
-    monkeypatch.setitem(sys.modules, "cupyx", types.SimpleNamespace(empty_pinned=empty_pinned))
-    sig = kernel_signatures("blood.cu")["blood_step"]
-    launches = []
-    emulated = emulated_kernel(emu_blood, "blood_step", sig, "forward", launches)
-
-    def kernel(grid, block, args):
-        assert tuple(grid) == (1,) and tuple(block) == (1,)
-        for a in args:
-            assert not isinstance(a, np.ndarray) or isinstance(a, _DevArray), (
-                "host array passed to the kernel"
-            )
-        emulated(grid, block, args)
-
-    def get_kernel(be, filename, name, options=(), name_expressions=None):
-        assert (filename, name, tuple(options)) == ("blood.cu", "blood_step", ("--fmad=false",))
-        return kernel
-
-    monkeypatch.setattr(bk, "get_kernel", get_kernel)
-    return types.SimpleNamespace(be=bk.Backend("cupy", xp, 0), dev=dev, launches=launches)
-
-
-def test_cupy_path_of_the_device_blood_equals_the_host_course(fake_cupy):
+def test_cupy_path_of_the_device_blood_equals_the_host_course(emulated_cupy):
     """DeviceBlood's CuPy branch (pinned upload on the compute stream, the kernel's arguments,
-    the read) through the host build of the kernel, driven over the seed patient's course with
-    random exits like the NumPy bookkeeping test: the same Blood states as the host path."""
+    the read) on the emulated CuPy (conftest: the upload must come from a pinned buffer on the
+    current stream, the kernel is the host build of blood.cu launched as one thread), driven over
+    the seed patient's course with random exits like the NumPy bookkeeping test: the same Blood
+    states as the host path."""
+    be = emulated_cupy
     samples: list = []
     _, dev, _, _ = _course(dt_min=60.0, days=40.0, seed=4, collect=samples)
-    fields = FIELDS
-    ref = DeviceBlood(dev, TYPES, 3.7e-4, fields, np.float32, NUMPY)
-    gpu = DeviceBlood(dev, TYPES, 3.7e-4, fields, np.float32, fake_cupy.be)
-    assert isinstance(gpu.out, _DevArray) and isinstance(gpu.cb, _DevArray)
+    ref = DeviceBlood(dev, TYPES, 3.7e-4, FIELDS, np.float32, NUMPY)
+    gpu = DeviceBlood(dev, TYPES, 3.7e-4, FIELDS, np.float32, be)
+    device_array = type(be.xp.empty(0))
+    assert isinstance(gpu.out, device_array) and isinstance(gpu.cb, device_array)
+    first = len(be.xp.launches)
     for up, left in samples:
-        out = fake_cupy.be.asnumpy(gpu.launch(60.0, fake_cupy.dev(left), state=up))
+        out = be.asnumpy(gpu.launch(60.0, be.asarray(left), state=up))
         ho, hc = _host(ref, up, left, 60.0, True)
-        assert _same(out, ho) and _same(np.asarray(gpu.cb)[:3], hc)
+        assert _same(out, ho) and _same(be.asnumpy(gpu.cb)[:3], hc)
     # the packed state of a Blood goes up as well (launch without state=)
     gpu.blood = ref.blood = dev
-    out = fake_cupy.be.asnumpy(gpu.launch(60.0))
+    out = be.asnumpy(gpu.launch(60.0))
     ho, _ = _host(ref, ref.pack(dev, np.empty_like(ref._up_host)), np.zeros(6, np.int64), 60.0, False)
     assert _same(out, ho)
-    assert len(fake_cupy.launches) == len(samples) + 1
+    launched = [name for name, _ in be.xp.launches[first:]]
+    assert launched == ["blood_step"] * (len(samples) + 1)
 
 
 def test_blood_kernel_on_the_gpu_equals_its_twin(gpu_be):
@@ -480,9 +420,8 @@ def test_blood_kernel_on_the_gpu_equals_its_twin(gpu_be):
     and exp may differ from glibc's by an ulp). Skipped without a GPU."""
     samples: list = []
     _, dev, _, _ = _course(dt_min=60.0, days=330.0, seed=2, collect=samples)
-    fields = FIELDS
-    ref = DeviceBlood(dev, TYPES, 3.7e-4, fields, np.float32, NUMPY)
-    gpu = DeviceBlood(dev, TYPES, 3.7e-4, fields, np.float32, gpu_be)
+    ref = DeviceBlood(dev, TYPES, 3.7e-4, FIELDS, np.float32, NUMPY)
+    gpu = DeviceBlood(dev, TYPES, 3.7e-4, FIELDS, np.float32, gpu_be)
     nv = ref.nv
     grades = set()
     for k, (up, left) in enumerate(samples[::5]):
@@ -492,6 +431,6 @@ def test_blood_kernel_on_the_gpu_equals_its_twin(gpu_be):
             out[: 2 * nv + 5], ho[: 2 * nv + 5], rtol=1e-12, atol=1e-300, err_msg=str(k)
         )
         assert out[2 * nv + 5 :].tolist() == ho[2 * nv + 5 :].tolist(), k  # relapse, grade, events
-        np.testing.assert_array_equal(gpu_be.asnumpy(gpu.cb[: len(fields)]), hc)
+        np.testing.assert_array_equal(gpu_be.asnumpy(gpu.cb[: len(FIELDS)]), hc)
         grades.add(int(ho[2 * nv + 6]))
     assert len(grades) >= 3

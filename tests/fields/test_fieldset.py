@@ -395,18 +395,9 @@ def test_graph_captures_keep_no_lasting_array_in_their_private_pool(emulated_cup
         monkeypatch.setattr(xp, name, tagging(getattr(xp, name)))
     replays = []
 
-    class Stream:
-        def __init__(self, non_blocking=False):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
+    class Stream(type(xp.cuda.get_current_stream())):  # emulated_cupy's stream, capturing
         def begin_capture(self, mode):
-            self.fs = fs
+            pass
 
         def end_capture(self):
             return types.SimpleNamespace(launch=lambda stream: replays.append(1))
@@ -415,7 +406,7 @@ def test_graph_captures_keep_no_lasting_array_in_their_private_pool(emulated_cup
         MemoryPool=Pool,
         using_allocator=using_allocator,
         Stream=Stream,
-        get_current_stream=lambda: None,
+        get_current_stream=xp.cuda.get_current_stream,
         runtime=types.SimpleNamespace(streamCaptureModeRelaxed=1),
     )
     monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
