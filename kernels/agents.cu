@@ -491,6 +491,113 @@ extern "C" __global__ void cell_fates(int n, const float* __restrict__ u, unsign
     divide[i] = div ? 1 : 0;
 }
 
+// Contact kills (rules.contact_kills_masked on CuPy; twin: its element-wise form). Step 1, one
+// thread per pair of a -1-padded contact buffer: keep (i, j) where the killer's type can kill the
+// target's (can_kill (ntypes, ntypes) uint8, row = killer), else write -1 to both. A type >= ntypes
+// kills and is killed by nothing (the twin's table gather would fail on NumPy).
+extern "C" __global__ void kill_pair_mask(const int* __restrict__ pi, const int* __restrict__ pj, i64 npairs,
+                                          const unsigned char* __restrict__ type,
+                                          const unsigned char* __restrict__ can_kill, int ntypes,
+                                          int* __restrict__ oi, int* __restrict__ oj) {
+    i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= npairs) return;
+    const int i = pi[p], j = pj[p];
+    bool ok = i >= 0 && j >= 0;
+    if (ok) {
+        const int ti = type[i], tj = type[j];
+        ok = ti < ntypes && tj < ntypes && can_kill[ti * ntypes + tj] != 0;
+    }
+    oi[p] = ok ? i : -1;
+    oj[p] = ok ? j : -1;
+}
+
+// Step 2, one thread per cell after the claim (target_of: claimed target row or -1): a killer that
+// claimed engages until busy_to (float32 of now + handling time) and kills with probability
+// kill_p[type] exp(-kills / exhaustion) (double, as the twin), its uniform word 0 of the Philox block
+// (id, step, purpose, 0). A hit counts a kill, stamps last_kill = now and marks its target dead
+// (each target has one claimant: plain stores, no race). dead must be zero on entry.
+extern "C" __global__ void kill_commit(int n, const int* __restrict__ target_of, const unsigned char* __restrict__ type,
+                                       const i64* __restrict__ id, const double* __restrict__ kill_p, int ntypes,
+                                       double exhaustion, float now, float busy_to, unsigned int step,
+                                       unsigned int purpose, unsigned int k0, unsigned int k1,
+                                       float* __restrict__ busy, int* __restrict__ kills,
+                                       float* __restrict__ last_kill, unsigned char* __restrict__ dead,
+                                       unsigned char* __restrict__ engaged) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int tgt = target_of[i];
+    engaged[i] = tgt >= 0 ? 1 : 0;
+    if (tgt < 0) return;
+    const int t = type[i];
+    const double p = t < ntypes ? kill_p[t] * exp(-(double)kills[i] / exhaustion) : 0.0;
+    const float u = tsim_uniform(tsim_draw(id[i], step, purpose, 0u, k0, k1).x);
+    busy[i] = busy_to;
+    if ((double)u < p) {
+        kills[i] += 1;
+        last_kill[i] = now;
+        dead[tgt] = 1;
+    }
+}
+
+// Secretion sources (Immunology._sources on CuPy, float32 fields; twin: its element-wise form).
+// Step 1, one thread per cell: count each live cell into its source category over voxels,
+// counts[cat * nvox + vox] (int32, 3 nvox + 1; zero on entry), cat = cat_table[(2 t + engaged) * 2 +
+// activated] with engaged = busy_until > now; category 3 (none) and dead cells are not counted, nor a
+// type >= ntypes. Integer atomics only: the counts do not depend on thread order.
+extern "C" __global__ void source_counts(int n, const i64* __restrict__ vox, const unsigned char* __restrict__ type,
+                                         const unsigned char* __restrict__ state, const float* __restrict__ busy,
+                                         float now, const unsigned char* __restrict__ dead,
+                                         const i64* __restrict__ cat_table, int ntypes, i64 nvox,
+                                         int* __restrict__ counts) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int t = type[i];
+    if (dead[i] || t >= ntypes) return;
+    const int k = (2 * t + (busy[i] > now ? 1 : 0)) * 2 + (state[i] == 1 ? 1 : 0);
+    const i64 c = cat_table[k];
+    if (c < 0 || c >= 3) return;
+    atomicAdd(counts + c * nvox + vox[i], 1);
+}
+
+// Step 2, one thread per voxel: every field's source (units/min) from the counts and the fields
+// (f, src: float32 (nf, nvox)); a field index < 0 is a field this run does not have, and a field no
+// rule names gets 0. The operations and their order are the twin's, one float32 rounding each:
+// ifng, il6, autoantibody = float(count) x rate; damage = float(n_mac) x r_dmg x (1 - damage)
+// (+ damage0 x repair_ab when with_repair); cxcl13 = damage x r_c13; cxcl10 = 0 + ifng r_c10 /
+// (ifng + kd_c10) + damage x r_c10_dmg (the terms of the fields present).
+extern "C" __global__ void source_fields(i64 nvox, int nf, const int* __restrict__ counts,
+                                         const float* __restrict__ f, const float* __restrict__ damage0,
+                                         int with_repair, int i_ifng, int i_il6, int i_ab, int i_dmg, int i_c13,
+                                         int i_c10, float r_ifng, float r_il6, float r_ab, float r_dmg,
+                                         float repair_ab, float r_c13, float r_c10, float kd_c10, float r_c10_dmg,
+                                         float* __restrict__ src) {
+    i64 v = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (v >= nvox) return;
+    for (int k = 0; k < nf; ++k) src[k * nvox + v] = 0.0f;
+    if (i_ifng >= 0) src[i_ifng * nvox + v] = (float)counts[v] * r_ifng;
+    if (i_il6 >= 0) src[i_il6 * nvox + v] = (float)counts[nvox + v] * r_il6;
+    if (i_ab >= 0) src[i_ab * nvox + v] = (float)counts[2 * nvox + v] * r_ab;
+    if (i_dmg >= 0) {
+        const float dmg = f[i_dmg * nvox + v];
+        float s = (float)counts[nvox + v] * r_dmg;
+        s = s * (1.0f - dmg);
+        if (with_repair) s = s + damage0[v] * repair_ab;
+        src[i_dmg * nvox + v] = s;
+        if (i_c13 >= 0) src[i_c13 * nvox + v] = dmg * r_c13;
+    }
+    if (i_c10 >= 0) {
+        float c = 0.0f;
+        if (i_ifng >= 0) {
+            const float g = f[i_ifng * nvox + v];
+            float w = g * r_c10;
+            w = w / (g + kd_c10);
+            c = c + w;
+        }
+        if (i_dmg >= 0) c = c + f[i_dmg * nvox + v] * r_c10_dmg;
+        src[i_c10 * nvox + v] = c;
+    }
+}
+
 // Test kernel: four uint32 per id (parity with rng.draw).
 extern "C" __global__ void philox_fill(const i64* __restrict__ id, int n, unsigned int step, unsigned int purpose,
                                        unsigned int draw, unsigned int k0, unsigned int k1,

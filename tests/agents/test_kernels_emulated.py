@@ -581,6 +581,121 @@ def test_cell_fates_kernel_leaves_types_without_tables_alone(dev):
         fates(NUMPY)
 
 
+def _kill_case(rs, n_plain=600, ntypes=18):
+    """Cells, pairs and tables for contact_kills_masked: types 0-3 kill types 4-5 (random
+    can_kill); each type from 6 on is one killer with one exclusive target, at the edge of its kill
+    test (kill_p = its uniform for the first half, the double above it for the second: the first
+    must miss, the second hit)."""
+    from tissuesim.biology import rules
+
+    step, seed, now = 4321, 77, 500.0
+    n_edge = ntypes - 6
+    n = n_plain + 2 * n_edge
+    typ = np.concatenate([rs.integers(0, 6, n_plain), np.arange(6, ntypes), np.full(n_edge, 4)])
+    typ = typ.astype(np.uint8)
+    pos = (rs.random((n, 3)) * 40).astype(np.float32)
+    busy = np.where(rs.random(n) < 0.3, now + 5.0, now - rs.random(n) * 10).astype(np.float32)
+    busy[n_plain : n_plain + n_edge] = now  # free (busy_until <= now)
+    kills = rs.integers(0, 8, n).astype(np.int32)
+    kills[n_plain : n_plain + n_edge] = 0
+    last = np.where(rs.random(n) < 0.5, now - 30, -1e30).astype(np.float32)
+    can_kill = np.zeros((ntypes, ntypes), bool)
+    can_kill[:4, 4:6] = rs.random((4, 2)) < 0.8
+    can_kill[6:, 4] = True
+    u = rng.draw_uniform(np.arange(n, dtype=np.int64), step, rules.PURPOSE_KILL, 0, seed)[0]
+    kill_p = np.concatenate([0.3 + 0.7 * rs.random(6), np.zeros(ntypes - 6)])
+    for k in range(n_edge):  # the killer of type 6 + k is row n_plain + k
+        uu = np.float64(u[n_plain + k])
+        kill_p[6 + k] = uu if k < n_edge // 2 else np.nextafter(uu, 2.0)
+    i = rs.integers(0, n_plain, 4 * n_plain).astype(np.int32)
+    j = rs.integers(0, n_plain, 4 * n_plain).astype(np.int32)
+    edge_i = np.arange(n_plain, n_plain + n_edge, dtype=np.int32)
+    edge_j = np.arange(n_plain + n_edge, n, dtype=np.int32)
+    pi = np.concatenate([i, edge_i, np.full(50, -1, np.int32)])
+    pj = np.concatenate([j, edge_j, np.full(50, -1, np.int32)])
+    keep = pi != pj
+    cells = dict(typ=typ, pos=pos, busy=busy, kills=kills, last=last)
+    return cells, pi[keep], pj[keep], can_kill, kill_p, (now, 30.0, 3.0, step, seed), (n_plain, n_edge)
+
+
+def _kill_population(be, c):
+    from tissuesim.biology import rules
+
+    xp = be.xp
+    pop = Population(be, capacity=len(c["typ"]) + 5)
+    rules.register_cell_attributes(pop)
+    n = len(c["typ"])
+    pop.add(xp.asarray(c["pos"]), xp.asarray(c["typ"]))
+    pop["busy_until"][:n] = xp.asarray(c["busy"])
+    pop["kills"][:n] = xp.asarray(c["kills"])
+    pop["last_kill"][:n] = xp.asarray(c["last"])
+    return pop
+
+
+def test_contact_kill_kernels_match_twin(dev):
+    """rules.contact_kills_masked on the device (kill_pair_mask, the claim kernels, kill_commit)
+    against its element-wise form on NumPy: the same dead targets, engaged killers and busy_until,
+    kills and last_kill bit for bit, from a -1-padded pair buffer with killers busy or free and
+    exhausted to various degrees. Six killers sit exactly on their kill test (p equal to their
+    uniform: a miss) and six one double above it (a hit), so < and <= or another uniform differ."""
+    from tissuesim.agents.neighbours import Pairs
+    from tissuesim.biology import rules
+
+    rs = np.random.default_rng(11)
+    c, pi, pj, can_kill, kill_p, (now, handling, exh, step, seed), (n_plain, n_edge) = _kill_case(rs)
+    n = len(c["typ"])
+    out = []
+    for be in (NUMPY, dev.be):
+        xp = be.xp
+        pop = _kill_population(be, c)
+        dead, engaged = rules.contact_kills_masked(
+            pop, Pairs(xp.asarray(pi), xp.asarray(pj), None), xp.asarray(can_kill), xp.asarray(kill_p),
+            now, handling, exh, step, seed,
+        )  # fmt: skip
+        got = {"dead": dead, "engaged": engaged}
+        got.update({k: pop[k][:n] for k in ("busy_until", "kills", "last_kill", "type")})
+        out.append({k: np.asarray(v).copy() for k, v in got.items()})
+    a, b = out
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
+    assert len(_launched(dev, "kill_pair_mask")) == 1 and len(_launched(dev, "kill_commit")) == 1
+    half = n_edge // 2
+    edge_killers = np.arange(n_plain, n_plain + n_edge)
+    assert a["engaged"][edge_killers].all()
+    hits = a["kills"][edge_killers] == 1
+    assert not hits[:half].any() and hits[half:].all()  # p == u misses, p just above u hits
+    assert a["dead"][:n_plain].sum() > 20 and (a["engaged"][:n_plain] & ~a["dead"][:n_plain]).any()
+
+
+def test_contact_kill_kernels_ignore_types_without_tables(dev):
+    """A killer or target whose type is past the kill tables neither kills nor is killed on the
+    device (and nothing is read out of bounds: the guard bytes); the twin raises IndexError."""
+    from tissuesim.agents.neighbours import Pairs
+    from tissuesim.biology import rules
+
+    rs = np.random.default_rng(3)
+    c, pi, pj, can_kill, kill_p, args, _ = _kill_case(rs, n_plain=40)
+    c["typ"][:] = np.where(rs.random(len(c["typ"])) < 0.5, 4, len(kill_p) + 3)  # targets and unknowns
+    c["typ"][::7] = 0
+    can_kill[0, 4] = True
+    kill_p[0] = 1.0
+    res = {}
+    for be in (NUMPY, dev.be):
+        xp = be.xp
+        pop = _kill_population(be, c)
+        pairs = Pairs(xp.asarray(pi), xp.asarray(pj), None)
+        call = (pop, pairs, xp.asarray(can_kill), xp.asarray(kill_p), *args)
+        if be is NUMPY:
+            with pytest.raises(IndexError):
+                rules.contact_kills_masked(*call)
+            continue
+        dead, engaged = rules.contact_kills_masked(*call)
+        res = {"dead": np.asarray(dead), "engaged": np.asarray(engaged), "type": c["typ"]}
+    known = res["type"] < len(kill_p)
+    assert not res["dead"][~known].any() and not res["engaged"][~known].any()
+    assert res["dead"].any()  # the known killers still kill their known targets
+
+
 def test_extravasate_fill_picks_among_a_million_sites_in_double(dev):
     """With ~1e6 vessel voxels a float32 product u x n_sites picks other voxels than the twin's
     float64 one: 300 arrivals must land in the twin's voxels, bit for bit."""

@@ -23,6 +23,10 @@ KERNEL_NAMES = (
     "philox_uniform_fill",
     "init_velocity_fill",
     "cell_fates",
+    "kill_pair_mask",
+    "kill_commit",
+    "source_counts",
+    "source_fields",
     "box_muller_fill",
 )
 BLOCK = 256

@@ -303,10 +303,8 @@ class Immunology:
         leave &= ~dead
         leave &= ~divide
         leave &= u[3] < self._p_exit_d[t]
-        engaged = pop["busy_until"][:n] > np.float32(now)
         # sources are computed on the cells alive after the kills (dead cells do not secrete)
-        alive = ~dead
-        self._sources(vox, engaged & alive, alive, t)
+        self._step_sources(vox, dead, now, t)
         if not self.device_paths:
             self._births_and_exits_host(pop, dead, leave, divide, t, step, dt_min)
         else:
@@ -454,6 +452,85 @@ class Immunology:
             for ti in np.flatnonzero(counts):
                 self._move_blood(self.table.cell_types[ti], int(counts[ti]))
 
+    def _step_sources(self, vox, dead, now: float, t) -> None:
+        """The step's sources from the cells alive after the kills (dead cells do not secrete),
+        engaged where busy_until > now (min). On CuPy with float32 fields and exclusive source
+        categories: the kernels source_counts and source_fields (agents.cu; 3 launches instead of
+        some 25), whose twin is :meth:`_sources`."""
+        pop = self.sim.cells
+        f = self.sim.fields
+        if self.sim.backend.is_gpu and self._source_cat is not None and f.values.dtype == np.float32:
+            self._sources_kernels(vox, dead, now)
+            return
+        n = pop.n
+        engaged = pop["busy_until"][:n] > np.float32(now)
+        alive = ~dead
+        self._sources(vox, engaged & alive, alive, t)
+
+    def _sources_kernels(self, vox, dead, now: float) -> None:
+        """:meth:`_sources` on CuPy in three launches (see _step_sources)."""
+        from tissuesim.agents import _kernels as K
+
+        sim = self.sim
+        xp = self.xp
+        pop = sim.cells
+        f = sim.fields
+        n = pop.n
+        nvox = self.nvox
+        if self._counts is None:
+            self._counts = xp.zeros(3 * nvox + 1, dtype=np.int32)
+        else:
+            self._counts[...] = 0
+        K.launch(
+            sim.backend,
+            "source_counts",
+            n,
+            (
+                np.int32(n),
+                xp.ascontiguousarray(vox),
+                pop.type,
+                pop.state,
+                pop["busy_until"],
+                np.float32(now),
+                xp.ascontiguousarray(dead).view(np.uint8),
+                self._source_cat,
+                np.int32(self.ntypes),
+                np.int64(nvox),
+                self._counts,
+            ),
+        )
+        fi = self.fi
+        bio = self.bio
+        f32 = np.float32
+        repair = bool(bio.antibody_damage and self.damage0 is not None and "damage" in fi)
+        K.launch(
+            sim.backend,
+            "source_fields",
+            nvox,
+            (
+                np.int64(nvox),
+                np.int32(len(f.names)),
+                self._counts,
+                f.values,
+                self.damage0 if repair else f.values,  # not read without repair
+                np.int32(repair),
+                *(
+                    np.int32(fi.get(k, -1))
+                    for k in ("ifng", "il6", "autoantibody", "damage", "cxcl13", "cxcl10")
+                ),
+                f32(self.ifng_per_cell),
+                f32(self.il6_per_cell),
+                f32(self.ab_per_cell),
+                f32(bio.damage_per_day_per_macrophage / MIN_PER_DAY),
+                f32(self.repair_per_min * self.blood.y["ab"]) if repair else f32(0),
+                f32(bio.cxcl13_nM_per_min_per_damage),
+                f32(bio.cxcl10_nM_per_min),
+                f32(bio.cxcl10_ifng_kd_nM),
+                f32(bio.cxcl10_nM_per_min_per_damage),
+                self.source,
+            ),
+        )
+
     def _sources(self, vox, engaged, alive, t=None) -> None:
         """Fill self.source (n_fields, nz, ny, nx), units/min, from cells and tissue.
 
@@ -480,10 +557,11 @@ class Immunology:
         counts = self._counts
         if counts is None:
             counts = self._counts = xp.zeros(3 * nvox + 1, dtype=np.int32)
-            self._work = xp.empty(nvox, dtype=f.values.dtype)
-            self._work2 = xp.empty(nvox, dtype=f.values.dtype)
         else:
             counts[...] = 0
+        if self._work is None:
+            self._work = xp.empty(nvox, dtype=f.values.dtype)
+            self._work2 = xp.empty(nvox, dtype=f.values.dtype)
         if self._source_cat is not None:
             # one integer count over (category, voxel): the same counts as three bincounts;
             # cells of no category (3) count into the spare last bin
