@@ -539,6 +539,31 @@ extern "C" __global__ void kill_commit(int n, const int* __restrict__ target_of,
     }
 }
 
+// The step's final masks and its exits into blood (Immunology._exits on CuPy; twin: its
+// element-wise form), one thread per cell after the fates: dead = killed by contact or died (in:
+// cell_fates' deaths), divide only if not dead, and a cell that neither dies nor divides leaves
+// from a vessel voxel when its fourth fate uniform u3 < p_exit[type] (compared in double; type as
+// after the fates, >= ntypes never leaves). gone = dead or leaving; left[type] counts the leavers
+// (uint64, zero on entry; integer atomics, so the counts do not depend on thread order).
+extern "C" __global__ void fate_exits(int n, const i64* __restrict__ vox, const unsigned char* __restrict__ vessel,
+                                      const unsigned char* __restrict__ type, const float* __restrict__ u3,
+                                      const double* __restrict__ p_exit, int ntypes,
+                                      const unsigned char* __restrict__ killed, unsigned char* __restrict__ dead,
+                                      unsigned char* __restrict__ divide, unsigned char* __restrict__ leave,
+                                      unsigned char* __restrict__ gone, unsigned long long* __restrict__ left) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const bool d = killed[i] || dead[i];
+    const bool dv = divide[i] && !d;
+    const int t = type[i];
+    const bool lv = !d && !dv && vessel[vox[i]] && t < ntypes && (double)u3[i] < p_exit[t];
+    dead[i] = d ? 1 : 0;
+    divide[i] = dv ? 1 : 0;
+    leave[i] = lv ? 1 : 0;
+    gone[i] = (d || lv) ? 1 : 0;
+    if (lv) atomicAdd(left + t, 1ull);
+}
+
 // Secretion sources (Immunology._sources on CuPy, float32 fields; twin: its element-wise form).
 // Step 1, one thread per cell: count each live cell into its source category over voxels,
 // counts[cat * nvox + vox] (int32, 3 nvox + 1; zero on entry), cat = cat_table[(2 t + engaged) * 2 +

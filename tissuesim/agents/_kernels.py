@@ -25,6 +25,7 @@ KERNEL_NAMES = (
     "cell_fates",
     "kill_pair_mask",
     "kill_commit",
+    "fate_exits",
     "source_counts",
     "source_fields",
     "box_muller_fill",

@@ -293,22 +293,64 @@ class Immunology:
             self.car_mask,
             tables=self._fate_tables,
         )
-        dead |= died
-        divide &= ~dead
-        # Exits into blood: a cell in a vessel voxel leaves with probability 1 - exp(-rate dt)
-        # (the same law as agents.intravasate, here on the fate block's fourth word so the
-        # step needs one draw and one compaction). Types as after the fates.
-        t = pop.type[:n].astype(np.int64)
-        leave = self._vessel_flat[vox]
-        leave &= ~dead
-        leave &= ~divide
-        leave &= u[3] < self._p_exit_d[t]
+        dead, divide, leave, gone, left, t = self._exits(pop, vox, u[3], dead, died, divide)
         # sources are computed on the cells alive after the kills (dead cells do not secrete)
         self._step_sources(vox, dead, now, t)
         if not self.device_paths:
             self._births_and_exits_host(pop, dead, leave, divide, t, step, dt_min)
         else:
-            self._births_and_exits_device(pop, dead, leave, divide, t, step, dt_min)
+            self._births_and_exits_device(pop, dead, leave, divide, t, step, dt_min, gone=gone, left=left)
+
+    def _exits(self, pop, vox, u3, killed, died, divide):
+        """The step's final masks and its exits into blood, after the fates.
+
+        A cell in a vessel voxel leaves with probability 1 - exp(-rate dt) (the law of
+        agents.intravasate, here on the fate block's fourth word u3, float32 (n,), so the step
+        needs one draw and one compaction); a cell that dies or divides does not leave. Types as
+        after the fates. killed, died, divide : bool (n,) (died and divide may be changed in
+        place). Returns (dead, divide, leave, gone, left, t): bool (n,) masks, gone = dead |
+        leave; left int64 (ntypes,) leavers per type on the device, or None where the caller
+        counts them; t int64 (n,) types, or None. On CuPy with the step's device formulation one
+        launch of fate_exits (agents.cu), of which the element-wise form below is the twin.
+        """
+        xp = self.xp
+        n = pop.n
+        if self.sim.backend.is_gpu and self.device_paths:
+            from tissuesim.agents import _kernels as K
+
+            leave = xp.empty(n, dtype=bool)
+            gone = xp.empty(n, dtype=bool)
+            left = xp.zeros(self.ntypes, dtype=np.uint64)
+            K.launch(
+                self.sim.backend,
+                "fate_exits",
+                n,
+                (
+                    np.int32(n),
+                    xp.ascontiguousarray(vox),
+                    self._vessel_flat.view(np.uint8),
+                    pop.type,
+                    u3,
+                    self._p_exit_d,
+                    np.int32(self.ntypes),
+                    killed.view(np.uint8),
+                    died.view(np.uint8),
+                    divide.view(np.uint8),
+                    leave.view(np.uint8),
+                    gone.view(np.uint8),
+                    left,
+                ),
+            )
+            return died, divide, leave, gone, left.view(np.int64), None
+        dead = killed
+        dead |= died
+        divide &= ~dead
+        t = pop.type[:n].astype(np.int64)
+        leave = self._vessel_flat[vox]
+        leave &= ~dead
+        leave &= ~divide
+        leave &= u3 < self._p_exit_d[t]
+        return dead, divide, leave, None, None, t
 
     def _contact_kills(self, pop, n: int, now: float, step: int):
         """Contacts and kills of this step: bool (n,) targets killed, or None (no search)."""
@@ -368,11 +410,16 @@ class Immunology:
             pop.add(d["position"], d["type"], state=d["state"], kills=d["kills"], last_kill=d["last_kill"])
             init_velocity(pop, sim.motility, sim.grid.ndim, sim.seed, start=n0)
 
-    def _births_and_exits_device(self, pop, dead, leave, divide, t, step: int, dt_min: float) -> None:
-        """The same as _births_and_exits_host with one device read (Population.remove_and_divide)."""
+    def _births_and_exits_device(
+        self, pop, dead, leave, divide, t, step: int, dt_min: float, gone=None, left=None
+    ) -> None:
+        """The same as _births_and_exits_host with one device read (Population.remove_and_divide).
+        gone (dead | leave) and left (exits per type, int64 (ntypes,)) are formed here when None."""
         sim = self.sim
-        # exits per type without a host read: a (ntypes, n) one-hot sum (ntypes is small)
-        left = ((t[None, :] == self._type_range_d[:, None]) & leave[None, :]).sum(axis=1)
+        if left is None:  # exits per type without a host read: a (ntypes, n) one-hot sum
+            left = ((t[None, :] == self._type_range_d[:, None]) & leave[None, :]).sum(axis=1)
+        if gone is None:
+            gone = dead | leave
         if self.blood_on_device:
             # the blood step (exits, then the next step's advance) goes just before the read,
             # and its results come back with it
@@ -381,10 +428,10 @@ class Immunology:
             nt = self.ntypes
             # int64 both: the float64 results travel as their bits and are viewed back on the host
             extra = self.xp.concatenate((left.astype(self.xp.int64, copy=False), out.view(self.xp.int64)))
-            _removed, born, got = pop.remove_and_divide(dead | leave, divide, self.INHERIT, extra=extra)
+            _removed, born, got = pop.remove_and_divide(gone, divide, self.INHERIT, extra=extra)
             db.finish(np.ascontiguousarray(got[nt:]).view(np.float64), step + 1, dt_min)
         else:
-            _removed, born, left = pop.remove_and_divide(dead | leave, divide, self.INHERIT, extra=left)
+            _removed, born, left = pop.remove_and_divide(gone, divide, self.INHERIT, extra=left)
             for ti in np.flatnonzero(left):
                 self._move_blood(self.table.cell_types[ti], int(left[ti]))
         if born:
