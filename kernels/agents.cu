@@ -53,6 +53,49 @@ extern "C" __global__ void bin_keys(const float* __restrict__ pos, int n, float 
     key[i] = b * (i64)n + i;
 }
 
+// Row range [start, end) of every bin (one thread per bin) from the keys bin * n + index and their
+// ascending order (argsort of key, int64): start = the cells in bins < b, end = those in bins <= b,
+// two binary searches over key[order[m]] (neighbours.bin_ranges_of_keys; twin: searchsorted of the
+// sorted bins, bin_ranges). An empty bin gets start = end.
+extern "C" __global__ void bin_ranges_fill(const i64* __restrict__ key, const i64* __restrict__ order, int n,
+                                           i64 nbins, int* __restrict__ start, int* __restrict__ end) {
+    i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= nbins) return;
+    int out[2];
+    for (int s = 0; s < 2; ++s) {
+        const i64 bound = (b + s) * (i64)n;  // first key of bin b (s = 0) or b + 1 (s = 1)
+        int lo = 0, hi = n;
+        while (lo < hi) {
+            const int mid = lo + (hi - lo) / 2;
+            if (key[order[mid]] < bound) lo = mid + 1;
+            else hi = mid;
+        }
+        out[s] = lo;
+    }
+    start[b] = out[0];
+    end[b] = out[1];
+}
+
+// Flat voxel index (k ny + j) nx + i of each position (Grid.voxel_index on CuPy; twin: its NumPy
+// form): per axis floor((x - origin) / dx) in float32, clipped to [0, n - 1] before the conversion
+// to an integer (NaN goes to 0, as NumPy's conversion and clip give on x86).
+__device__ __forceinline__ i64 voxel_coord(float c, int n) {
+    const float f = floorf(c);
+    if (!(f >= 0.0f)) return 0;
+    if (f >= (float)(n - 1)) return n - 1;
+    return (i64)f;
+}
+
+extern "C" __global__ void voxel_index_fill(const float* __restrict__ pos, int n, float ox, float oy, float oz,
+                                            float dx, int nx, int ny, int nz, i64* __restrict__ out) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= n) return;
+    const i64 i = voxel_coord((pos[3 * r] - ox) / dx, nx);
+    const i64 j = voxel_coord((pos[3 * r + 1] - oy) / dx, ny);
+    const i64 k = voxel_coord((pos[3 * r + 2] - oz) / dx, nz);
+    out[r] = (k * ny + j) * nx + i;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The one neighbour traversal: every other cell j in the 3x3x3 bins around (xi, yi, zi), bins in
 // (dz, dy, dx) lexicographic order from -1, inside a bin in cell-list order. Contacts and crowding

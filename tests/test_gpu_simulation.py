@@ -464,4 +464,4 @@ def test_a_step_on_the_device_waits_for_it_once(emulated_cupy):
     }
     if os.environ.get("TISSUESIM_CENSUS_JSON"):
         Path(os.environ["TISSUESIM_CENSUS_JSON"]).write_text(json.dumps(census, indent=1) + "\n")
-    assert per_step_ops <= 125, census["by_function"]  # 105 now (173 before the kill, source, exit kernels)
+    assert per_step_ops <= 105, census["by_function"]  # 86 now (173 before this session's kernels)

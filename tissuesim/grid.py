@@ -76,17 +76,50 @@ class Grid:
 
         positions : (n, 3) float array of x, y, z in um (numpy or cupy, as ``xp``).
         Returns int64 (n,) flat indices into a C-ordered (nz, ny, nx) array.
+        Per axis floor((x - origin) / dx) in the positions' precision, clipped to [0, n - 1]
+        before the conversion to integers (so a position far outside, beyond the integers' range,
+        clips to the nearest face, and NaN to 0, on every backend).
         """
         if xp is np and positions.ndim == 2:
-            # the arithmetic of _voxel_index_columns in fewer array operations: clip = max then
-            # min, and the flat index k nx ny + j nx + i as one integer product (exact in int64)
+            # the arithmetic of _voxel_index_columns in fewer array operations: clip = fmax then
+            # fmin (NaN -> 0), and the flat index k nx ny + j nx + i as one integer product
             upper, strides = self._index_tables()
             c = positions - np.asarray(self.origin, dtype=positions.dtype)
             c /= self.dx
-            ijk = np.floor(c, out=c).astype(np.int64)
-            np.maximum(ijk, 0, out=ijk)
-            np.minimum(ijk, upper, out=ijk)
-            return ijk @ strides
+            np.floor(c, out=c)
+            np.fmax(c, 0, out=c)
+            np.fmin(c, upper.astype(c.dtype), out=c)
+            return c.astype(np.int64) @ strides
+        if (
+            positions.ndim == 2
+            and positions.shape[1] == 3
+            and positions.dtype == np.float32
+            and positions.flags.c_contiguous
+            and positions.shape[0] < 2**31 - 4096  # the kernel's int thread index
+        ):
+            # the same arithmetic in one launch of the kernel voxel_index_fill (agents.cu)
+            from tissuesim.agents import _kernels as K
+            from tissuesim.fields._device import backend_of
+
+            n = int(positions.shape[0])
+            out = xp.empty(n, dtype=xp.int64)
+            f = np.float32
+            K.launch(
+                backend_of(positions),
+                "voxel_index_fill",
+                n,
+                (
+                    positions,
+                    np.int32(n),
+                    *(f(o) for o in self.origin),
+                    f(self.dx),
+                    np.int32(self.nx),
+                    np.int32(self.ny),
+                    np.int32(self.nz),
+                    out,
+                ),
+            )
+            return out
         if positions.ndim == 2 and positions.shape[1] == 3:
             # the same arithmetic on the device, with the grid's tables put there once: some 8
             # array operations (CuPy launches) instead of the column form's 19
@@ -94,15 +127,20 @@ class Grid:
 
             device = getattr(positions, "device", None)
             origin = np.asarray(self.origin, dtype=positions.dtype)
-            tables = [device_table(xp, t, device, in_capture=False) for t in (origin, *self._index_tables())]
+            upper, strides = self._index_tables()
+            tables = [
+                device_table(xp, t, device, in_capture=False)
+                for t in (origin, upper.astype(positions.dtype), strides)
+            ]
             if any(t is None for t in tables):  # first call inside a stream capture
                 return self._voxel_index_columns(positions, xp)
             origin, upper, strides = tables
             c = positions - origin
             c /= self.dx
-            ijk = xp.floor(c, out=c).astype(xp.int64)
-            xp.maximum(ijk, 0, out=ijk)
-            xp.minimum(ijk, upper, out=ijk)
+            xp.floor(c, out=c)
+            xp.fmax(c, 0, out=c)
+            xp.fmin(c, upper, out=c)
+            ijk = c.astype(xp.int64)
             ijk *= strides
             return ijk.sum(axis=1)
         return self._voxel_index_columns(positions, xp)
@@ -127,8 +165,8 @@ class Grid:
         flat = None
         stride = 1
         for a, n in enumerate((self.nx, self.ny, self.nz)):
-            c = xp.floor((positions[:, a] - f(self.origin[a])) / self.dx).astype(xp.int64)
-            c = xp.clip(c, 0, n - 1)
+            c = xp.floor((positions[:, a] - f(self.origin[a])) / self.dx)
+            c = xp.fmin(xp.fmax(c, 0), n - 1).astype(xp.int64)
             flat = c if flat is None else flat + c * stride
             stride *= n
         return flat

@@ -137,6 +137,8 @@ def test_bin_keys_and_cell_list(dev, grid):
     assert ca.nb == cb.nb
     for name in ("order", "bin_start", "bin_end"):
         np.testing.assert_array_equal(getattr(ca, name), getattr(cb, name), err_msg=name)
+    _launched(dev, "bin_ranges_fill")  # the ranges came from the kernel
+    assert (ca.bin_start == ca.bin_end).any()  # empty bins too
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)

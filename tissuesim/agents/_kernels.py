@@ -11,6 +11,8 @@ OPTIONS = ("--fmad=false",)
 #: Every extern "C" kernel of agents.cu (the tests build and compare each one).
 KERNEL_NAMES = (
     "bin_keys",
+    "bin_ranges_fill",
+    "voxel_index_fill",
     "count_pairs",
     "write_pairs",
     "crowd_displacement",
