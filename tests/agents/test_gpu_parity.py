@@ -81,6 +81,38 @@ def test_crowd_and_claims(gpu_be, grid):
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=["2d", "3d"])
+def test_contact_kills_masked(gpu_be, grid):
+    """rules.contact_kills_masked on the GPU (kill_pair_mask, the claim, kill_commit) against its
+    element-wise twin on NumPy: the same dead, engaged, busy_until, kills and last_kill, from the
+    padded contact buffer of 4000 cells, some killers busy and some exhausted (p differs from
+    NumPy's only by CUDA's exp, an ulp: no decision here sits that close)."""
+    from tissuesim.biology import rules
+
+    a, b = _pair(gpu_be, grid, 4000, 6, ntypes=4)
+    rs = np.random.default_rng(6)
+    n = a.n
+    busy = np.where(rs.random(n) < 0.3, 120.0, 90.0).astype(np.float32)
+    kills = rs.integers(0, 6, n).astype(np.int32)
+    can_kill = np.zeros((4, 4), bool)
+    can_kill[0, 1] = can_kill[0, 2] = can_kill[3, 1] = True
+    kill_p = np.array([0.6, 0.0, 0.0, 0.9])
+    out = []
+    for p, be in ((a, NUMPY), (b, gpu_be)):
+        rules.register_cell_attributes(p)
+        p["busy_until"][:n] = be.asarray(busy)
+        p["kills"][:n] = be.asarray(kills)
+        pairs = contacts(p, 12.0, [0, 3], [1, 2], grid=grid, exact=False)
+        dead, engaged = rules.contact_kills_masked(
+            p, pairs, be.asarray(can_kill), be.asarray(kill_p), 100.0, 30.0, 3.0, 17, 5
+        )
+        got = {"dead": dead, "engaged": engaged} | {k: p[k][:n] for k in ("busy_until", "kills", "last_kill")}
+        out.append({k: be.asnumpy(v) for k, v in got.items()})
+    for k in out[0]:
+        np.testing.assert_array_equal(out[0][k], out[1][k], err_msg=k)
+    assert out[0]["dead"].sum() > 10 and out[0]["engaged"].sum() > out[0]["dead"].sum()
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=["2d", "3d"])
 def test_move_one_step(gpu_be, grid):
     a, b = _pair(gpu_be, grid, 4000, 4)
     rs = np.random.default_rng(5)
