@@ -61,8 +61,8 @@ NTP = 9  # per-type parameters in the kernel table (agents.cu)
 MAX_SUBSTEPS = 64  # as in agents.cu: an axis move of more than 64 max_disp is capped (flagged)
 MAX_DISP_FRACTION = 0.99
 #: NumPy moves cells in blocks of this many rows: the work arrays (~330 B per cell) stay near
-#: 1.4 MB (0.24x the state at 64^3 + 1e4 cells, 0.47x with blocks of 16384; step time unchanged,
-#: bench/results/step_cpu_move_block4096.json)
+#: 1.4 MB (0.24x the state at 64^3 + 1e4 cells, 0.47x with blocks of 16384, for 0-2% of step time:
+#: bench/move_block.py, bench/results/step_cpu_move_block16384_4096.json)
 MOVE_BLOCK = 4096
 
 
