@@ -577,7 +577,10 @@ for _name in (
 ):  # fmt: skip
 
     def _reduction(self, *a, _name=_name, **k):
-        _EMU.op(f".{_name}()")
+        if not (
+            _name == "astype" and k.get("copy") is False and np.dtype(a[0] if a else k["dtype"]) == self.dtype
+        ):
+            _EMU.op(f".{_name}()")  # astype(same dtype, copy=False) returns the array itself
         return _dev(getattr(self.view(np.ndarray), _name)(*a, **k))
 
     setattr(_DeviceArray, _name, _reduction)
@@ -610,6 +613,17 @@ _DEVICE_BOOL = {"array_equal", "array_equiv", "allclose"}
 _UPLOADING = {"asarray", "array", "asanyarray"}
 
 
+def _no_copy(name: str, args, kwargs) -> bool:
+    """Whether xp.ascontiguousarray / xp.asarray of a device array returns it as it is (CuPy
+    launches nothing then: already C-contiguous, and of the dtype asked for, if any)."""
+    if name not in ("ascontiguousarray", "asarray") or not args or not isinstance(args[0], _DeviceArray):
+        return False
+    dtype = kwargs.get("dtype", args[1] if len(args) > 1 else None)
+    a = args[0]
+    same = dtype is None or np.dtype(dtype) == a.dtype
+    return same and (name == "asarray" or a.flags.c_contiguous)
+
+
 def _emulated_function(name, fn):
     def call(*args, **kwargs):
         if name in _UPLOADING:
@@ -619,10 +633,13 @@ def _emulated_function(name, fn):
                     _EMU.upload(f"xp.{name}(host data)")
                 with _EMU.lenient():
                     return _dev(np.array(src, dtype=kwargs.get("dtype", args[1] if len(args) > 1 else None)))
+            if name != "asarray" or not _no_copy(name, args, kwargs):  # a conversion (or array()) copies
+                _EMU.op(f"xp.{name}")
             return _dev(fn(*args, **kwargs))
         _refuse_host(f"xp.{name}", args + tuple(kwargs.values()))
         _count_reads(name, args)
-        if name not in _NO_LAUNCH:  # (called with plain arrays: __array_ufunc__ does not count)
+        if name not in _NO_LAUNCH and not _no_copy(name, args, kwargs):
+            # (called with plain arrays: __array_ufunc__ does not count)
             _EMU.op(f"ufunc {name}" if isinstance(fn, np.ufunc) else f"xp.{name}")
         with _EMU.lenient():
             r = fn(*_plain(args), **_plain(kwargs))
