@@ -5,7 +5,8 @@
 # all results as files under OUT. Each part has its own time limit and writes as it goes, so a
 # part that runs long loses only itself; the limits add up to under 5 minutes.
 #   bash tools/gpu_check.sh OUT      (or ./dev gpu-check OUT)
-# Files: gpu.csv, cupy.txt, gpu_tests.txt/.xml, diffusion_gpu.json, agents_gpu.json,
+# Files: gpu.csv, cupy.txt, gpu_tests.txt/.xml, gpu_tests_simulation.txt/.xml, diffusion_gpu.json,
+# agents_gpu.json,
 # step_gpu.json, step_gpu_baseline.json, scaling_gpu.json, syncs_gpu.json, *.txt, status.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,14 +25,18 @@ part() { # name, seconds, command...
   shift 2
   echo "== $name (limit ${secs}s)"
   local t0=$SECONDS
-  timeout "$secs" "$@" > "$OUT/$name.txt" 2>&1
+  # SIGINT first: pytest then still writes its junit XML and durations for the tests it ran
+  timeout -s INT -k 15 "$secs" "$@" > "$OUT/$name.txt" 2>&1
   local rc=$?
   tail -n 30 "$OUT/$name.txt"
   echo "-- $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$OUT/status.txt"
   if [ $rc -ne 0 ]; then status=1; failed="$failed $name"; fi
 }
 
-part gpu_tests 155 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o timeout=60 --continue-on-collection-errors --junitxml="$OUT/gpu_tests.xml" tests
+# kernels against their twins first (short tests), then the whole simulation on CuPy; each part
+# reports the durations of its slowest tests, so the next run's limits can be set from them
+part gpu_tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o timeout=60 --durations=15 --continue-on-collection-errors --junitxml="$OUT/gpu_tests.xml" --ignore=tests/test_gpu_simulation.py tests
+part gpu_tests_simulation 95 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o timeout=60 --durations=25 --junitxml="$OUT/gpu_tests_simulation.xml" tests/test_gpu_simulation.py
 part bench_diffusion 20 "$PY" bench/diffusion.py --backend cupy --sizes 64 128 256 --out "$OUT"
 part bench_agents 20 "$PY" bench/agents.py --backend cupy --sizes 1e3,1e4,1e5,1e6,1e7 --min-time 0.5 --out "$OUT"
 part bench_step 45 "$PY" bench/step.py --backend cupy --seconds 2 --out "$OUT"
