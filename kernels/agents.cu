@@ -373,6 +373,24 @@ extern "C" __global__ void move_cells(float* __restrict__ pos, float* __restrict
 // (float bits of r^2) << 32 | target index, taken with atomicMin: nearest target wins, ties go to
 // the lowest index (indices ascend with ids, see Population). Step 2: each chosen target keeps the
 // lowest source id (atomicMin). Integer atomics only, so the outcome is deterministic.
+// Step 0, one thread per cell: the claim's per-cell state in one launch (instead of six fills and
+// casts): src_ok / tgt_ok = 1 where the optional masks allow (has_src / has_tgt = 0: every cell;
+// the mask is then not read), target_of = taken_by = -1, best = winner = 2^64 - 1 (no key yet).
+extern "C" __global__ void claim_init(int n, const unsigned char* __restrict__ source_ok, int has_src,
+                                      const unsigned char* __restrict__ target_ok, int has_tgt,
+                                      unsigned char* __restrict__ src_ok, unsigned char* __restrict__ tgt_ok,
+                                      int* __restrict__ target_of, int* __restrict__ taken_by,
+                                      unsigned long long* __restrict__ best, unsigned long long* __restrict__ winner) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    src_ok[i] = (!has_src || source_ok[i]) ? 1 : 0;
+    tgt_ok[i] = (!has_tgt || target_ok[i]) ? 1 : 0;
+    target_of[i] = -1;
+    taken_by[i] = -1;
+    best[i] = 0xffffffffffffffffull;
+    winner[i] = 0xffffffffffffffffull;
+}
+
 extern "C" __global__ void claim_choose(const int* __restrict__ pi, const int* __restrict__ pj, i64 npairs,
                                         const float* __restrict__ pos, const unsigned char* __restrict__ src_ok,
                                         const unsigned char* __restrict__ tgt_ok,

@@ -217,12 +217,38 @@ def test_claims(dev, grid, rounds, exact):
         out.append(claim_targets(p, pairs, src_ok.copy(), tgt_ok.copy(), rounds=rounds))
     for name in ("claim_choose", "claim_resolve", "claim_commit"):
         assert len(_launched(dev, name)) == rounds
+    assert len(_launched(dev, "claim_init")) == 1  # the later rounds reset best and winner by fills
     (ta, ka), (tb, kb) = out
     np.testing.assert_array_equal(ta, tb)
     np.testing.assert_array_equal(ka, kb)
     won = np.flatnonzero(ta >= 0)
     assert won.size > 20
     np.testing.assert_array_equal(ka[ta[won]], won)  # a one-to-one matching
+
+
+@pytest.mark.parametrize("masks", ["none", "source", "target", "int"])
+def test_claim_init_matches_twin(dev, masks):
+    """claim_targets on the device starts from claim_init (one launch): with either eligibility
+    mask left out (every cell eligible, the spare byte never read), or given as integers (read as
+    != 0 after the twin's cast to uint8, 256 included), the matching is the twin's."""
+    grid = GRIDS[1]
+    a, b = _pops(dev, grid, 500, 8)
+    rs = np.random.default_rng(8)
+    src = rs.random(a.n) < 0.7
+    tgt = rs.integers(0, 3, a.n) * 256 + rs.integers(0, 3, a.n)  # astype(uint8): 0, 1 or 2
+    given = {"none": (None, None), "source": (src, None), "target": (None, tgt > 300), "int": (src, tgt)}[
+        masks
+    ]
+    out = []
+    for p in (a, b):
+        pairs = contacts(p, 15.0, [0], [1, 2], grid=grid)
+        s_ok, t_ok = (None if m is None else p.xp.asarray(m.copy()) for m in given)
+        out.append(claim_targets(p, pairs, s_ok, t_ok, rounds=2))
+    (ta, ka), (tb, kb) = out
+    np.testing.assert_array_equal(ta, tb)
+    np.testing.assert_array_equal(ka, kb)
+    assert (ta >= 0).sum() > 10
+    assert len(_launched(dev, "claim_init")) == 1
 
 
 def test_claim_ties_go_to_lowest_index_and_id(dev):

@@ -17,6 +17,7 @@ KERNEL_NAMES = (
     "write_pairs",
     "crowd_displacement",
     "move_cells",
+    "claim_init",
     "claim_choose",
     "claim_resolve",
     "claim_commit",

@@ -729,18 +729,30 @@ def claim_targets(pop: Population, pairs: Pairs, source_ok=None, target_ok=None,
     """
     xp = pop.xp
     n = pop.n
-    src_ok = xp.ones(n, dtype=np.uint8) if source_ok is None else xp.asarray(source_ok[:n]).astype(np.uint8)
-    tgt_ok = xp.ones(n, dtype=np.uint8) if target_ok is None else xp.asarray(target_ok[:n]).astype(np.uint8)
-    target_of = xp.full(n, -1, dtype=np.int32)
-    taken_by = xp.full(n, -1, dtype=np.int32)
     pi = xp.asarray(pairs.i, dtype=np.int32)  # the kernels take int32 rows
     pj = xp.asarray(pairs.j, dtype=np.int32)
     npairs = int(pi.shape[0])
+    state = None
+    if pop.be.is_gpu and n > 0 and npairs > 0:
+        state = _claim_init(pop, n, source_ok, target_ok)
+        src_ok, tgt_ok, target_of, taken_by = state[:4]
+    else:
+        src_ok = (
+            xp.ones(n, dtype=np.uint8) if source_ok is None else xp.asarray(source_ok[:n]).astype(np.uint8)
+        )
+        tgt_ok = (
+            xp.ones(n, dtype=np.uint8) if target_ok is None else xp.asarray(target_ok[:n]).astype(np.uint8)
+        )
+        target_of = xp.full(n, -1, dtype=np.int32)
+        taken_by = xp.full(n, -1, dtype=np.int32)
     if n == 0 or npairs == 0:
         return target_of, taken_by
-    for _ in range(int(rounds)):
-        best = xp.full(n, _U64MAX, dtype=np.uint64)
-        winner = xp.full(n, _U64MAX, dtype=np.uint64)
+    for r in range(int(rounds)):
+        if r == 0 and state is not None:  # made by claim_init
+            best, winner = state[4:]
+        else:
+            best = xp.full(n, _U64MAX, dtype=np.uint64)
+            winner = xp.full(n, _U64MAX, dtype=np.uint64)
         if pop.be.is_gpu:
             K.launch(
                 pop.be,
@@ -757,6 +769,30 @@ def claim_targets(pop: Population, pairs: Pairs, source_ok=None, target_ok=None,
                 pi, pj, pop.position, pop.id[:n], src_ok, tgt_ok, taken_by, target_of, best, winner
             )
     return target_of, taken_by
+
+
+def _claim_init(pop: Population, n: int, source_ok, target_ok):
+    """CuPy: (src_ok, tgt_ok, target_of, taken_by, best, winner) of a claim from one launch of
+    claim_init (agents.cu); its twin is the fills and casts of claim_targets' NumPy path."""
+    xp = pop.xp
+    out = (
+        xp.empty(n, dtype=np.uint8),
+        xp.empty(n, dtype=np.uint8),
+        xp.empty(n, dtype=np.int32),
+        xp.empty(n, dtype=np.int32),
+        xp.empty(n, dtype=np.uint64),
+        xp.empty(n, dtype=np.uint64),
+    )
+    masks = []
+    for m in (source_ok, target_ok):  # a mask not given is not read: a spare byte stands in
+        if m is None:
+            masks += [xp.empty(1, dtype=np.uint8), np.int32(0)]
+        else:
+            m = xp.asarray(m[:n])
+            m = xp.ascontiguousarray(m).view(np.uint8) if m.dtype == np.bool_ else m.astype(np.uint8)
+            masks += [m, np.int32(1)]  # read as != 0, as claim_choose reads the twin's casts
+    K.launch(pop.be, "claim_init", n, (np.int32(n), *masks, *out))
+    return out
 
 
 def claim_round_numpy(pi, pj, pos, ids, src_ok, tgt_ok, taken_by, target_of, best, winner):
