@@ -46,9 +46,10 @@ extern "C" __global__ void bin_keys(const float* __restrict__ pos, int n, float 
                                     int nbx, int nby, int nbz, i64* __restrict__ key) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    int bx = bin_coord(pos[3 * i], ox, w, nbx);
-    int by = bin_coord(pos[3 * i + 1], oy, w, nby);
-    int bz = bin_coord(pos[3 * i + 2], oz, w, nbz);
+    const i64 p = 3 * (i64)i;  // 64-bit: 3 n passes 2^31 from 716 M cells on
+    int bx = bin_coord(pos[p], ox, w, nbx);
+    int by = bin_coord(pos[p + 1], oy, w, nby);
+    int bz = bin_coord(pos[p + 2], oz, w, nbz);
     i64 b = ((i64)bz * nby + by) * nbx + bx;
     key[i] = b * (i64)n + i;
 }
@@ -90,9 +91,10 @@ extern "C" __global__ void voxel_index_fill(const float* __restrict__ pos, int n
                                             float dx, int nx, int ny, int nz, i64* __restrict__ out) {
     int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= n) return;
-    const i64 i = voxel_coord((pos[3 * r] - ox) / dx, nx);
-    const i64 j = voxel_coord((pos[3 * r + 1] - oy) / dx, ny);
-    const i64 k = voxel_coord((pos[3 * r + 2] - oz) / dx, nz);
+    const i64 p = 3 * (i64)r;
+    const i64 i = voxel_coord((pos[p] - ox) / dx, nx);
+    const i64 j = voxel_coord((pos[p + 1] - oy) / dx, ny);
+    const i64 k = voxel_coord((pos[p + 2] - oz) / dx, nz);
     out[r] = (k * ny + j) * nx + i;
 }
 

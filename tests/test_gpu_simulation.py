@@ -227,6 +227,44 @@ def test_the_step_exits_on_the_device_equal_the_twin(cupy_be):
         assert "fate_exits" in {name for name, _ in cupy_be.xp.launches}
 
 
+def test_the_step_kernels_skip_types_without_tables(cupy_be):
+    """A cell whose type has no tables (the move flags it as FLAG_BAD_TYPE; NumPy's gathers would
+    raise) neither leaves nor secretes on the device: with every cell in a vessel voxel that all
+    would leave by (p_exit 1, uniform 0) and every cell engaged and activated in one voxel, the
+    exits and the sources are those of the known cells alone."""
+    b = _sim("cupy", "cd19", "grid=tiny")
+    imm = b.immunology
+    xp = b.xp
+    nt = len(b.cell_types)
+    vessel = int(np.flatnonzero(b.backend.asnumpy(imm.vessel_mask).reshape(-1))[0])
+    known = np.arange(nt, dtype=np.uint8)
+    results = []
+    for typ in (known, np.concatenate([known, np.full(5, nt + 3, np.uint8), [255]])):
+        n = len(typ)
+        pop = b.cells
+        pop.remove(xp.ones(pop.n, dtype=bool))
+        pop.add(xp.zeros((n, 3), dtype=np.float32), xp.asarray(typ), state=xp.ones(n, dtype=np.uint8))
+        pop["busy_until"][:n] = np.float32(1e9)
+        imm._p_exit_d = xp.ones(nt)
+        none = xp.zeros(n, dtype=bool)
+        vox = xp.full(n, vessel, dtype=np.int64)
+        dead, _, leave, _, left, _ = imm._exits(
+            pop, vox, xp.zeros(n, np.float32), none, none.copy(), none.copy()
+        )
+        imm._step_sources(vox, dead, 700.0, None)
+        results.append(
+            (
+                b.backend.asnumpy(leave).copy(),
+                b.backend.asnumpy(left).copy(),
+                b.backend.asnumpy(imm.source).copy(),
+            )
+        )
+    (leave_k, left_k, src_k), (leave_u, left_u, src_u) = results
+    assert leave_k.all() and not leave_u[nt:].any() and np.array_equal(leave_u[:nt], leave_k)
+    np.testing.assert_array_equal(left_u, left_k)
+    assert src_u.tobytes() == src_k.tobytes() and src_k.any()
+
+
 def test_the_biology_runs_on_cupy_and_tracks_numpy_over_a_day(cupy_be):
     """One day of CD19 therapy from day 0 on both backends: the same course within noise."""
     rows = {}

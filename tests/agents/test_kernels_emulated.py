@@ -641,7 +641,7 @@ def _kill_case(rs, n_plain=600, ntypes=18):
     edge_j = np.arange(n_plain + n_edge, n, dtype=np.int32)
     pi = np.concatenate([i, edge_i, np.full(50, -1, np.int32)])
     pj = np.concatenate([j, edge_j, np.full(50, -1, np.int32)])
-    keep = pi != pj
+    keep = (pi != pj) | (pi < 0)  # no self-pairs; the -1 padding stays
     cells = dict(typ=typ, pos=pos, busy=busy, kills=kills, last=last)
     return cells, pi[keep], pj[keep], can_kill, kill_p, (now, 30.0, 3.0, step, seed), (n_plain, n_edge)
 
@@ -705,7 +705,7 @@ def test_contact_kill_kernels_ignore_types_without_tables(dev):
     c, pi, pj, can_kill, kill_p, args, _ = _kill_case(rs, n_plain=40)
     c["typ"][:] = np.where(rs.random(len(c["typ"])) < 0.5, 4, len(kill_p) + 3)  # targets and unknowns
     c["typ"][::7] = 0
-    can_kill[0, 4] = True
+    can_kill[:] = True  # only the type guards keep the unknown types out (no table entry says no)
     kill_p[0] = 1.0
     res = {}
     for be in (NUMPY, dev.be):
@@ -720,7 +720,7 @@ def test_contact_kill_kernels_ignore_types_without_tables(dev):
         dead, engaged = rules.contact_kills_masked(*call)
         res = {"dead": np.asarray(dead), "engaged": np.asarray(engaged), "type": c["typ"]}
     known = res["type"] < len(kill_p)
-    assert not res["dead"][~known].any() and not res["engaged"][~known].any()
+    assert (pi < 0).any() and not res["dead"][~known].any() and not res["engaged"][~known].any()
     assert res["dead"].any()  # the known killers still kill their known targets
 
 
