@@ -49,11 +49,15 @@ def build_host_kernels(tmp_path_factory):
         cxx = shutil.which("g++")
         if cxx is None:
             pytest.skip("g++ not found: no host emulation of the CUDA kernels")
-        out = tmp_path_factory.mktemp(f"emu_{name}") / f"lib{name}.so"
+        tmp = tmp_path_factory.mktemp(f"emu_{name}")
+        out = tmp / f"lib{name}.so"
+        # the shim plus a thread loop per kernel (emu_loop_<kernel>), so a launch is one ctypes call
+        src = tmp / f"{name}_loops.cpp"
+        src.write_text(f'#include "{key}"\n' + _thread_loops(key.read_text()))
         flags = ["-std=c++20", "-O1", "-ffp-contract=off", "-shared", "-fPIC"]
-        inc = [f"-I{bk.kernel_dir()}", f"-I{Path(__file__).resolve().parent / 'fields'}"]
+        inc = [f"-I{bk.kernel_dir()}", f"-I{Path(__file__).resolve().parent / 'fields'}", f"-I{key.parent}"]
         res = subprocess.run(
-            [cxx, *flags, *inc, str(shim), "-o", str(out), "-pthread"], capture_output=True, text=True
+            [cxx, *flags, *inc, str(src), "-o", str(out), "-pthread"], capture_output=True, text=True
         )
         assert res.returncode == 0, res.stderr
         lib = ctypes.CDLL(str(out))
@@ -63,6 +67,32 @@ def build_host_kernels(tmp_path_factory):
         return lib
 
     return build
+
+
+_KERNEL_RE = r'extern "C" __global__ void (\w+)\s*\(([^)]*)\)'
+
+
+def _thread_loops(shim_text: str) -> str:
+    """C++ of emu_loop_<kernel>(order, nthreads, grid, block, <the kernel's parameters>) for every
+    extern "C" kernel of the kernels/*.cu files the shim includes: the kernel's threads in the
+    given order (int64 thread indices), each after emu_set_1d, as EmulatedKernel otherwise runs
+    them one ctypes call at a time. Templated kernels (parameters of type T) get none."""
+    out = []
+    for fname in re.findall(r'#include "(\w+\.cu)"', shim_text):
+        for name, params in re.findall(_KERNEL_RE, bk.kernel_source(fname)):
+            if re.search(r"\bT\b", params):
+                continue
+            names = [p.replace("*", " ").split()[-1] for p in params.split(",")]
+            out.append(
+                f'extern "C" void emu_loop_{name}(const long long* emu_order, long long emu_n, '
+                f"unsigned emu_grid, unsigned emu_block, {params}) {{\n"
+                "    for (long long q = 0; q < emu_n; ++q) {\n"
+                "        const long long t = emu_order[q];\n"
+                "        emu_set_1d(emu_grid, 1, emu_block, (unsigned)(t / emu_block), 0, (unsigned)(t % emu_block));\n"
+                f"        {name}({', '.join(names)});\n"
+                "    }\n}\n"
+            )
+    return "\n".join(out)
 
 
 #: C types of kernel parameters -> NumPy dtypes (pointers) and scalar types (values)
@@ -173,11 +203,16 @@ class EmulatedKernel:
             for ky, ay, *_, cy, _by in arrays[x + 1 :]:
                 if not (cx and cy):
                     assert not np.may_share_memory(ax, ay), f"{nm}: arguments {kx} and {ky} overlap"
-        fn = getattr(self.lib, nm)
         nb, bs = grid[0], block[0]
-        for t in _thread_order(self.order, nb * bs, len(self.log)).tolist():
-            self.lib.emu_set_1d(nb, 1, bs, t // bs, 0, t % bs)
-            fn(*cargs)
+        order = np.ascontiguousarray(_thread_order(self.order, nb * bs, len(self.log)), dtype=np.int64)
+        loop = getattr(self.lib, f"emu_loop_{nm}", None)
+        if loop is not None:  # the same threads in the same order, looped in C
+            loop(ctypes.c_void_p(order.ctypes.data), ctypes.c_int64(order.size), nb, bs, *cargs)
+        else:
+            fn = getattr(self.lib, nm)
+            for t in order.tolist():
+                self.lib.emu_set_1d(nb, 1, bs, t // bs, 0, t % bs)
+                fn(*cargs)
         for k, _a, raw, buf, poison, const, before in arrays:
             assert (buf[:EMU_GUARD] == poison).all(), f"{nm}: write before the start of argument {k}"
             assert (buf[EMU_GUARD + raw.size :] == poison).all(), f"{nm}: write past the end of argument {k}"
