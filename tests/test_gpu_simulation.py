@@ -72,6 +72,15 @@ def _cells(sim) -> dict[str, np.ndarray]:
     return {k: sim.backend.asnumpy(sim.cells[k][:n]) for k in sim.cells.names}
 
 
+def _only_cells(sim, typ, state=None):
+    """sim's cells replaced by len(typ) cells of types ``typ`` (and ``state``) at the origin."""
+    xp, pop = sim.xp, sim.cells
+    pop.remove(xp.ones(pop.n, dtype=bool))
+    st = None if state is None else xp.asarray(state)
+    pop.add(xp.zeros((len(typ), 3), dtype=np.float32), xp.asarray(typ), state=st)
+    return pop
+
+
 def _same_state(c, b, what: str) -> None:
     """The NumPy simulation c and the CuPy simulation b hold the same cells, sources and blood."""
     ca, cb = _cells(c), _cells(b)
@@ -159,9 +168,7 @@ def test_the_step_sources_on_the_device_equal_the_twin_bitwise(cupy_be, drop, re
         imm = sim.immunology
         imm.fi = {k: v for k, v in imm.fi.items() if k not in drop}
         imm.blood.y["ab"] = 1.7
-        pop = sim.cells
-        pop.remove(xp.ones(pop.n, dtype=bool))
-        pop.add(xp.zeros((n, 3), dtype=np.float32), xp.asarray(typ), state=xp.asarray(state))
+        pop = _only_cells(sim, typ, state)
         pop["busy_until"][:n] = xp.asarray(busy)
         sim.fields.values[...] = xp.asarray(vals)
         imm.source[...] = -1.0  # every source must be written
@@ -208,9 +215,7 @@ def test_the_step_exits_on_the_device_equal_the_twin(cupy_be):
         xp = sim.xp
         imm = sim.immunology
         imm._p_exit_d = xp.asarray(p_exit)
-        pop = sim.cells
-        pop.remove(xp.ones(pop.n, dtype=bool))
-        pop.add(xp.zeros((n, 3), dtype=np.float32), xp.asarray(typ))
+        pop = _only_cells(sim, typ)
         k, d, v = (xp.asarray(m.copy()) for m in masks)
         dead, divide, leave, gone, left, _ = imm._exits(pop, xp.asarray(vox), xp.asarray(u3), k, d, v)
         if gone is None:  # the twin: the caller forms these
@@ -241,9 +246,7 @@ def test_the_step_kernels_skip_types_without_tables(cupy_be):
     results = []
     for typ in (known, np.concatenate([known, np.full(5, nt + 3, np.uint8), [255]])):
         n = len(typ)
-        pop = b.cells
-        pop.remove(xp.ones(pop.n, dtype=bool))
-        pop.add(xp.zeros((n, 3), dtype=np.float32), xp.asarray(typ), state=xp.ones(n, dtype=np.uint8))
+        pop = _only_cells(b, typ, np.ones(n, np.uint8))
         pop["busy_until"][:n] = np.float32(1e9)
         imm._p_exit_d = xp.ones(nt)
         none = xp.zeros(n, dtype=bool)

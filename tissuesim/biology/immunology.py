@@ -524,10 +524,7 @@ class Immunology:
         f = sim.fields
         n = pop.n
         nvox = self.nvox
-        if self._counts is None:
-            self._counts = xp.zeros(3 * nvox + 1, dtype=np.int32)
-        else:
-            self._counts[...] = 0
+        self._zeroed_counts()
         K.launch(
             sim.backend,
             "source_counts",
@@ -601,11 +598,7 @@ class Immunology:
         nvox = self.nvox
         f32 = np.float32
         act = sim.cells.state[:n] == rules.ACTIVATED
-        counts = self._counts
-        if counts is None:
-            counts = self._counts = xp.zeros(3 * nvox + 1, dtype=np.int32)
-        else:
-            counts[...] = 0
+        counts = self._zeroed_counts()
         if self._work is None:
             self._work = xp.empty(nvox, dtype=f.values.dtype)
             self._work2 = xp.empty(nvox, dtype=f.values.dtype)
@@ -668,6 +661,14 @@ class Immunology:
             if "damage" in fi:
                 xp.multiply(f["damage"].reshape(-1), f32(bio.cxcl10_nM_per_min_per_damage), out=w)
                 c10 += w
+
+    def _zeroed_counts(self):
+        """The kept per-voxel source counts, int32 (3 nvox + 1,), set to zero (made on first use)."""
+        if self._counts is None:
+            self._counts = self.xp.zeros(3 * self.nvox + 1, dtype=np.int32)
+        else:
+            self._counts[...] = 0
+        return self._counts
 
     def _ones(self, n: int):
         """int32 ones (n,) on the device, kept between steps (a view of a grown buffer)."""
