@@ -188,8 +188,10 @@ def _open_u8(xp, open_mask, grid: Grid):
     m = xp.asarray(open_mask)
     if tuple(m.shape) != tuple(grid.shape):
         raise ValueError(f"open_mask shape {tuple(m.shape)} != grid shape {grid.shape}")
-    if xp is np and m.dtype in (np.bool_, np.uint8) and m.flags.c_contiguous:
-        return m.view(np.uint8)  # the twin reads it as != 0: no copy needed
+    if m.dtype in (np.bool_, np.uint8) and m.flags.c_contiguous:
+        # kernel and twin read it as != 0, and a bool is one byte of 0 or 1: a view, no copy (on
+        # CuPy no launch and no grid-sized allocation in every step)
+        return m.view(np.uint8)
     return xp.ascontiguousarray(m != 0).view(np.uint8)
 
 

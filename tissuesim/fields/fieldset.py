@@ -64,6 +64,9 @@ class _Plan:
     lod: tuple | None  # (slots, {face: slots}) or None
     solver: dict  # name -> 'explicit' | 'lod' | 'none'
     substeps: dict  # name -> explicit substeps (0 for lod / none)
+    #: per explicit group: slice(first, last + 1) when its slots are consecutive, else the host
+    #: list of slots (for the odd-substep copy, which must not read the device slot array)
+    explicit_host: list = field(default_factory=list)
 
 
 def _abandon(stream) -> None:
@@ -275,7 +278,11 @@ class FieldSet:
             for n, fs in sorted(groups.items())
         ]
         lod_entry = (xp.asarray(np.array(lod, dtype=np.int32)), dirichlet_faces(lod)) if lod else None
-        p = _Plan(explicit, lod_entry, solver, nsub)
+        host = [
+            slice(fs[0], fs[-1] + 1) if fs == list(range(fs[0], fs[-1] + 1)) else list(fs)
+            for _n, fs in sorted(groups.items())
+        ]
+        p = _Plan(explicit, lod_entry, solver, nsub, host)
         self._plans[dt] = p
         return p
 
@@ -368,17 +375,16 @@ class FieldSet:
             self._total0 = self._totals()
         acc_d = self._acc["dirichlet_in"]
 
-        for n, slots, dfaces in p.explicit:
+        for (n, slots, dfaces), host in zip(p.explicit, p.explicit_host):
             if self._tmp is None:
                 self._tmp = xp.empty_like(u)
             h_dx2 = dt / n / dx2
             # Ping-pong so that the last substep writes into self.values (whose views callers hold).
             if n % 2:
-                if be.is_gpu:
-                    self._tmp[slots] = u[slots]
-                else:  # slot by slot: u[slots] would make a copy of them all first
-                    for sl in slots.tolist():
-                        self._tmp[sl] = u[sl]
+                # one pass over consecutive slots (the usual case), else slot by slot: u[slots]
+                # would gather a copy of them all first and scatter it (two passes, one temporary)
+                for sl in [host] if isinstance(host, slice) else host:
+                    self._tmp[sl] = u[sl]
                 src, dst = self._tmp, u
             else:
                 src, dst = u, self._tmp
