@@ -210,17 +210,24 @@ def _philox_ids_numpy(ids_u64, c2, c3, k0: int, k1: int):
         return _philox_rows_numpy(L[0].astype(np.uint32), R[0], L[1].astype(np.uint32), R[1], k0, k1)
     Lv = L.view(np.uint32)[:, 0::2]  # low halves of L (the high ones stay 0)
     P = np.empty((2, 2, n), dtype=np.uint64)  # products of this round and of the last
+    # the strided halves of both product buffers, lanes swapped, made once rather than per round
+    hv = [P[b].view(np.uint32) for b in (0, 1)]
+    hi = [h[::-1, 1::2] for h in hv]
+    lo_sw = [h[::-1, 0::2] for h in hv]
+    xor, mul = np.bitwise_xor, np.multiply
     prev = R
-    for r in range(10):
-        cur = P[r & 1]
-        np.multiply(L, _MCOL, out=cur)  # exact 64-bit products
-        hv = cur.view(np.uint32)
-        out = Lv if r < 9 else np.empty((2, n), dtype=np.uint32)
-        np.bitwise_xor(hv[::-1, 1::2], prev, out=out)  # high halves, lanes swapped
-        out ^= keys[r]
-        prev = hv[::-1, 0::2]  # low halves, lanes swapped
+    for r in range(9):
+        b = r & 1
+        mul(L, _MCOL, out=P[b])  # exact 64-bit products
+        xor(hi[b], prev, out=Lv)  # high halves, lanes swapped
+        xor(Lv, keys[r], out=Lv)
+        prev = lo_sw[b]  # low halves, lanes swapped
+    mul(L, _MCOL, out=P[1])  # round 9 (r & 1 == 1)
+    out = np.empty((2, n), dtype=np.uint32)
+    xor(hi[1], prev, out=out)
+    xor(out, keys[9], out=out)
     lo = np.empty((2, n), dtype=np.uint32)
-    np.copyto(lo, prev)
+    np.copyto(lo, lo_sw[1])
     return out[0], lo[0], out[1], lo[1]
 
 
