@@ -84,12 +84,13 @@ def test_signatures_parsed(fields_emulation):
 # --------------------------------------------------------------------------- parity
 # cp.array (a copy) everywhere: on the emulated device np.asarray would alias the host input.
 
-SHAPES = [(2, 5, 37, 33), (3, 1, 35, 34)]  # (nf, nz, ny, nx): 3D and 2D, sizes not multiples of 32
+# (nf, nz, ny, nx): 3D and 2D, sizes not multiples of 32, and 3D one voxel deep along y
+SHAPES = [(2, 5, 37, 33), (3, 1, 35, 34), (3, 4, 1, 9)]
 
 
 def _setup(shape, dtype, seed=0):
     rng = np.random.default_rng(seed)
-    nf, nz, _ny, _nx = shape
+    nf, nz, ny, _nx = shape
     u = rng.random(shape).astype(dtype)
     D = (100.0 * rng.uniform(0.2, 1.8, shape)).astype(dtype)
     D[rng.random(shape) < 0.05] = 0
@@ -106,6 +107,9 @@ def _setup(shape, dtype, seed=0):
         kinds[0, 4:6] = ops.BC_PERIODIC
         kinds[-1, 4] = ops.BC_DIRICHLET
         vals[-1, 4] = 2.0
+    if ny == 1:  # both Dirichlet values act on the one voxel of every y line
+        kinds[-1, 2:4] = ops.BC_DIRICHLET
+        vals[-1, 2:4] = (1.0, 3.0)
     slots = np.arange(nf, dtype=np.int32)[::-1][: max(1, nf - 1)].copy()  # a subset, out of order
     return u, D, kinds, vals, slots
 

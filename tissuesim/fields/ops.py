@@ -321,10 +321,11 @@ def _factorize(u, D, slots, bc_kind, bc_val, axis: str, h_dx2):
     for i, s in enumerate(slots):
         if int(bc_kind[s, f]) == BC_DIRICHLET:
             diag[i, ..., 0] += 2 * h * d[i, ..., 0]
-            add[i, ..., 0] = 2 * h * d[i, ..., 0] * dt(bc_val[s, f])
+            add[i, ..., 0] += 2 * h * d[i, ..., 0] * dt(bc_val[s, f])
         if int(bc_kind[s, f + 1]) == BC_DIRICHLET:
             diag[i, ..., -1] += 2 * h * d[i, ..., -1]
-            add[i, ..., -1] = 2 * h * d[i, ..., -1] * dt(bc_val[s, f + 1])
+            # += : on a line one voxel long both faces' terms fall on that voxel
+            add[i, ..., -1] += 2 * h * d[i, ..., -1] * dt(bc_val[s, f + 1])
     off = np.zeros_like(d)  # off[..., m] couples m and m+1 of a line; 0 at line ends
     off[..., :-1] = -r
     off = off.reshape(-1)[:-1].copy()
