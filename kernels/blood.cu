@@ -19,7 +19,8 @@
 //   prm [NPRM + nthr]  constants (indices P_* below), then the CRS grade thresholds, ascending
 //   iprm int [6 + P + ntypes]  P, ntypes, nthr, field of autoantibody (-1), field of IL-6 (-1),
 //                      n_fields, target code per product (0 CD19, 1 BCMA, 2 CD20, 3 other),
-//                      blood pool per cell type (-2 B cells, -1 none, k >= 0 the index of E_p)
+//                      blood pool per cell type (-2 B cells, -1 none, k >= 0 the index of E_p;
+//                      M_p at k + 1)
 //   out [2 nv + 8]     y after the exits (the state at the end of this step), y advanced by
 //                      dt (the next step's), then day, toci_day, steroid_day, depleted,
 //                      ab_nadir, relapse, CRS grade of the advanced step, events (1 tocilizumab,
@@ -155,7 +156,17 @@ extern "C" __global__ void blood_step(const double* __restrict__ up, const i64* 
                     y[0] = max0(y[0] + dlt);
                 }
             } else {
-                y[pool[ti]] = max0(y[pool[ti]] + dlt);
+                // a CAR product: E_p at k, M_p at k + 1. Cells out of blood come out of both
+                // pools in proportion, as arrivals are drawn from both (Blood.move)
+                const int k = pool[ti];
+                const double tot = y[k] + y[k + 1];
+                if (dlt < 0.0 && tot > 0.0) {
+                    const double fm = y[k + 1] / tot;
+                    y[k + 1] = max0(y[k + 1] + dlt * fm);
+                    y[k] = max0(y[k] + dlt * (1.0 - fm));
+                } else {
+                    y[k] = max0(y[k] + dlt);
+                }
             }
         }
     }

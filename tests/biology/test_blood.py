@@ -196,6 +196,34 @@ def test_patch_scaling_conserves_cells_crossing_vessel_walls(monkeypatch):
     assert abs(arrived - mean) < 5 * math.sqrt(mean), (arrived, mean)
 
 
+def test_patch_scaling_conserves_car_t_crossing_vessel_walls(monkeypatch):
+    """CAR-T arrive from the effector and memory pools together (blood_per_ul counts both), so
+    both must pay for them: late in a course (day 90 of cd19: 0.004 effectors, 0.372 memory per
+    uL) taking them from the effectors alone made a cell out of nothing at each arrival, and its
+    exit then tripled blood CAR-T."""
+    sim = tissuesim.Simulation(tissuesim.load_config(["grid=tiny", "backend=numpy", "therapy=cd19"]))
+    imm = sim.immunology
+    monkeypatch.setattr(imm.blood, "advance", lambda dt: [])  # exchange only
+    ct = sim.cell_types.index("cd19_car_t")
+    imm.blood.y["E_cd19_car_t"], imm.blood.y["M_cd19_car_t"] = 0.04, 3.72  # x10 for arrivals
+    v_ul = imm.bio.blood.blood_volume_l * 1e6
+
+    def body_car_t():
+        n_patch = int(np.sum(sim.cells.type[: sim.cells.n] == ct))
+        return imm.blood.car_t_per_ul("cd19_car_t") * v_ul + n_patch * imm.patch_equivalents
+
+    total0 = body_car_t()
+    arrived = 0
+    for step in range(3000):
+        before = sim.cells.n
+        imm.before_move(step, 10.0)
+        arrived += int(np.sum(sim.cells.type[before : sim.cells.n] == ct))
+        imm.exits(step, 10.0)
+    assert arrived >= 5, arrived  # the check below saw arrivals
+    assert body_car_t() == pytest.approx(total0, rel=1e-9)
+    assert imm.blood.y["M_cd19_car_t"] < 3.72  # memory paid its share
+
+
 def test_relapse_detector_needs_depletion_b_cell_return_and_autoantibody_rise():
     b = Blood(BLOOD, {"cd19_car_t": "CD19"}, None)
     b.treated = True

@@ -291,8 +291,11 @@ class Blood:
         """``d`` cells/uL of patch cell type ``cell_type`` moved into blood (negative: out of it).
 
         B cells split between the naive and autoreactive pools in proportion (into an empty B
-        pool they go to the naive one); a CAR product's cells go to its effectors; other types
-        have no blood pool. kernels/blood.cu does the same, in this order."""
+        pool they go to the naive one). A CAR product's cells that leave blood come out of its
+        effector and memory pools in proportion, as the arrivals are drawn from both
+        (Immunology.blood_per_ul); those that come back join its effectors. Other types have no
+        blood pool. kernels/blood.cu does the same, in this order, for the exits (the only moves
+        it sees: arrivals are drawn and moved on the host)."""
         if cell_type == "b_cell":
             tot = self.b_cell_per_ul()
             if tot > 0:
@@ -302,7 +305,14 @@ class Blood:
             elif d > 0:
                 self.exchange("b_naive", d)
         elif cell_type in self.products:
-            self.exchange(f"E_{cell_type}", d)
+            e, m = f"E_{cell_type}", f"M_{cell_type}"
+            tot = self.y[e] + self.y[m]
+            if d < 0 and tot > 0:  # taking from effectors alone made cells out of the memory
+                fm = self.y[m] / tot
+                self.exchange(m, d * fm)
+                self.exchange(e, d * (1 - fm))
+            else:
+                self.exchange(e, d)
 
     # ------------------------------------------------------------------ dynamics
     def rhs(self, y: dict) -> dict:

@@ -192,7 +192,10 @@ class DeviceBlood:
             if t == "b_cell":
                 pool.append(POOL_B)
             elif t in blood.products:
-                pool.append(blood.names.index(f"E_{t}"))
+                k = blood.names.index(f"E_{t}")
+                if blood.names.index(f"M_{t}") != k + 1:  # the kernel finds M_p next to E_p
+                    raise RuntimeError(f"blood state: M_{t} does not follow E_{t}")
+                pool.append(k)
             else:
                 pool.append(POOL_NONE)
         fi = {n: i for i, n in enumerate(self.field_names)}
