@@ -297,6 +297,11 @@ _NONNEGATIVE_SUFFIXES = (
 )
 
 
+# Keys whose name ends in these are shares of a whole: 0..1, except the caps listed after.
+_SHARE_SUFFIXES = ("_fraction", "_blockade", "_niche_access", "_penetration")
+_SHARES_ABOVE_ONE = ("max_drift_fraction",)  # a cap on drift speed as a multiple of cell speed
+
+
 def _walk(node: Any, prefix: str):
     if isinstance(node, DictConfig | dict):
         for k in node.keys():
@@ -440,6 +445,9 @@ def validate(cfg: DictConfig | Config) -> None:
                 _fail(key, value, "must be a finite number")
             if leaf.endswith(_NONNEGATIVE_SUFFIXES) and value < 0 and leaf != "lymphodepletion_day":
                 _fail(key, value, "must be >= 0 (a length, time, rate or dose cannot be negative)")
+            # shares of a whole (above 1, e.g. a lymphodepletion would leave a negative count)
+            if leaf.endswith(_SHARE_SUFFIXES) and leaf not in _SHARES_ABOVE_ONE and not 0 <= value <= 1:
+                _fail(key, value, "allowed: 0..1 (a share of a whole)")
 
     bio = cfg.biology
     for k in ("kill_probability_per_contact", "anti_car_kill_probability_per_contact"):

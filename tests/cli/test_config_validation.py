@@ -43,6 +43,16 @@ BAD = [
     (["cells.macrophage.persistence_min=0"], ["cells.macrophage.persistence_min=0", "> 0"]),
     (["output.async_snapshots=sometimes"], ["output.async_snapshots=sometimes", "allowed: true or false"]),
     (["output.progress=maybe"], ["output.progress=maybe", "allowed: true or false"]),
+    (
+        ["biology.blood.lymphodepletion_b_cell_fraction=1.5"],
+        ["biology.blood.lymphodepletion_b_cell_fraction=1.5", "0..1"],
+    ),
+    (["biology.blood.tocilizumab_blockade=-0.1"], ["biology.blood.tocilizumab_blockade=-0.1", "0..1"]),
+    (
+        ["biology.blood.autoreactive_niche_access=2"],
+        ["biology.blood.autoreactive_niche_access=2", "0..1"],
+    ),
+    (["biology.rituximab_tissue_penetration=1.1"], ["biology.rituximab_tissue_penetration=1.1", "0..1"]),
 ]
 
 
