@@ -556,11 +556,13 @@ extern "C" __global__ void cell_fates(int n, const float* __restrict__ u, unsign
 
 // Contact kills (rules.contact_kills_masked on CuPy; twin: its element-wise form). Step 1, one
 // thread per pair of a -1-padded contact buffer: keep (i, j) where the killer's type can kill the
-// target's (can_kill (ntypes, ntypes) uint8, row = killer), else write -1 to both. A type >= ntypes
-// kills and is killed by nothing (the twin's table gather would fail on NumPy).
+// target's (can_kill (ntypes, ntypes) uint8, row = killer) and, with has_specific, the killer's
+// specific_to is -1 or the target's type; else write -1 to both. A type >= ntypes kills and is
+// killed by nothing (the twin's table gather would fail on NumPy).
 extern "C" __global__ void kill_pair_mask(const int* __restrict__ pi, const int* __restrict__ pj, i64 npairs,
                                           const unsigned char* __restrict__ type,
                                           const unsigned char* __restrict__ can_kill, int ntypes,
+                                          const int* __restrict__ specific_to, int has_specific,
                                           int* __restrict__ oi, int* __restrict__ oj) {
     i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= npairs) return;
@@ -569,6 +571,8 @@ extern "C" __global__ void kill_pair_mask(const int* __restrict__ pi, const int*
     if (ok) {
         const int ti = type[i], tj = type[j];
         ok = ti < ntypes && tj < ntypes && can_kill[ti * ntypes + tj] != 0;
+        // a killer raised against one target type (specific_to >= 0) attacks that type only
+        if (ok && has_specific) ok = specific_to[i] < 0 || specific_to[i] == tj;
     }
     oi[p] = ok ? i : -1;
     oj[p] = ok ? j : -1;

@@ -108,8 +108,18 @@ def _same_state(c, b, what: str) -> None:
         ("allo_cd19", 0.5, ()),
         ("cd19_then_bcma", 0.5, ("therapy.infusions.1.trigger=day", "therapy.infusions.1.day=0.25")),
         ("cd19", 0.5, ("grid=tiny", "grid.nz=6")),  # 3D
+        (  # anti-CAR T cells arrive (specific to one product each) and kill
+            "cd19_then_bcma",
+            0.5,
+            (
+                "therapy.infusions.1.trigger=day",
+                "therapy.infusions.1.day=0.25",
+                "biology.blood.anti_car_seed=0.5",
+                "biology.anti_car_t_max_per_ul=100000",
+            ),
+        ),
     ],
-    ids=["cd19", "bcma", "rituximab", "dual", "allo_cd19", "cd19_then_bcma", "cd19-3d"],
+    ids=["cd19", "bcma", "rituximab", "dual", "allo_cd19", "cd19_then_bcma", "cd19-3d", "anti-car"],
 )
 def test_each_step_part_takes_the_same_decisions_on_both_backends(cupy_be, therapy, day, grid):
     """From one state (with 300 fresh killer-target pairs), the arrivals (before_move) and the
@@ -136,6 +146,10 @@ def test_each_step_part_takes_the_same_decisions_on_both_backends(cupy_be, thera
         changed += c.cells.n != meta["n_cells"] + 600
     # the comparison is only worth something if cells were killed, born, changed or left
     assert changed >= 8, f"{therapy}: after_move changed the cells in only {changed} of 25 states"
+    if "biology.blood.anti_car_seed=0.5" in grid:  # both specificities were compared
+        spec = _cells(c)["specific_to"]
+        ct = c.cell_types
+        assert {ct.index("cd19_car_t"), ct.index("bcma_car_t")} <= set(spec.tolist())
 
 
 @pytest.mark.parametrize(

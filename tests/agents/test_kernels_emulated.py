@@ -613,7 +613,8 @@ def _kill_case(rs, n_plain=600, ntypes=18):
     """Cells, pairs and tables for contact_kills_masked: types 0-3 kill types 4-5 (random
     can_kill); each type from 6 on is one killer with one exclusive target, at the edge of its kill
     test (kill_p = its uniform for the first half, the double above it for the second: the first
-    must miss, the second hit)."""
+    must miss, the second hit). About a third of the plain killers are specific to target type 4
+    or 5 (specific_to), the rest attack whatever can_kill allows."""
     from tissuesim.biology import rules
 
     step, seed, now = 4321, 77, 500.0
@@ -642,7 +643,9 @@ def _kill_case(rs, n_plain=600, ntypes=18):
     pi = np.concatenate([i, edge_i, np.full(50, -1, np.int32)])
     pj = np.concatenate([j, edge_j, np.full(50, -1, np.int32)])
     keep = (pi != pj) | (pi < 0)  # no self-pairs; the -1 padding stays
-    cells = dict(typ=typ, pos=pos, busy=busy, kills=kills, last=last)
+    spec = rs.choice(np.array([-1, 4, 5], np.int32), n, p=[0.66, 0.17, 0.17])
+    spec[n_plain:] = -1
+    cells = dict(typ=typ, pos=pos, busy=busy, kills=kills, last=last, spec=spec)
     return cells, pi[keep], pj[keep], can_kill, kill_p, (now, 30.0, 3.0, step, seed), (n_plain, n_edge)
 
 
@@ -657,6 +660,7 @@ def _kill_population(be, c):
     pop["busy_until"][:n] = xp.asarray(c["busy"])
     pop["kills"][:n] = xp.asarray(c["kills"])
     pop["last_kill"][:n] = xp.asarray(c["last"])
+    pop["specific_to"][:n] = xp.asarray(c["spec"])
     return pop
 
 
@@ -693,6 +697,17 @@ def test_contact_kill_kernels_match_twin(dev):
     hits = a["kills"][edge_killers] == 1
     assert not hits[:half].any() and hits[half:].all()  # p == u misses, p just above u hits
     assert a["dead"][:n_plain].sum() > 20 and (a["engaged"][:n_plain] & ~a["dead"][:n_plain]).any()
+    # the specific killers engaged, and none of them killed outside its target type: a dead cell
+    # of type 4 (5) had a live claimant allowed on it (checked per pair on NumPy below)
+    spec = c["spec"]
+    assert a["engaged"][:n_plain][spec[:n_plain] >= 0].sum() > 10
+    ok_pairs = (pi >= 0) & (pj >= 0)
+    i, j = pi[ok_pairs], pj[ok_pairs]
+    t = c["typ"]
+    allowed = can_kill[t[i], t[j]] & ((spec[i] < 0) | (spec[i] == t[j]))
+    blocked = can_kill[t[i], t[j]] & ~allowed
+    assert blocked.sum() > 50  # pairs the specificities rule out exist
+    assert not (a["dead"][j[blocked]] & ~np.isin(j[blocked], j[allowed])).any()
 
 
 def test_contact_kill_kernels_ignore_types_without_tables(dev):

@@ -257,3 +257,26 @@ def test_relapse_triggers_the_second_infusion_not_before_its_day_and_logs_it():
     for _ in range(5):
         sim.step()
     assert len([e for e in sim.event_log if e.what == "infuse_bcma_car_t"]) == 1
+
+
+def test_anti_car_t_arrive_specific_to_the_products_in_proportion_to_their_responses(monkeypatch):
+    """Anti-CAR T cells come from one clone per CAR binder: they arrive at anti_car_t_max_per_ul x
+    sum of the responses R_p, and each is specific to product p with probability R_p / sum R.
+    With R_cd19 = 0.6 and R_bcma = 0.2: 3/4 against CD19; with R_bcma = 0 none against BCMA."""
+    sim = tissuesim.Simulation(tissuesim.load_config(["grid=tiny", "backend=numpy", "therapy=dual"]))
+    imm = sim.immunology
+    monkeypatch.setattr(imm.blood, "advance", lambda dt: [])
+    monkeypatch.setattr(imm.bio, "anti_car_t_max_per_ul", 20 * imm.bio.anti_car_t_max_per_ul)  # arrivals
+    anti = sim.cell_types.index("anti_car_t")
+    cd19, bcma = sim.cell_types.index("cd19_car_t"), sim.cell_types.index("bcma_car_t")
+    for r19, rb, share in ((0.6, 0.2, 0.75), (0.5, 0.0, 1.0)):
+        imm.blood.y["R_cd19_car_t"], imm.blood.y["R_bcma_car_t"] = r19, rb
+        assert imm.blood_per_ul("anti_car_t") == pytest.approx(imm.bio.anti_car_t_max_per_ul * (r19 + rb))
+        sim.cells.remove(np.ones(sim.cells.n, bool))
+        for step in range(4000):
+            imm.before_move(step, 10.0)
+        a = sim.cells.type[: sim.cells.n] == anti
+        spec = sim.cells["specific_to"][: sim.cells.n][a]
+        assert a.sum() > 200 and set(np.unique(spec)) <= {cd19, bcma}
+        f = float(np.mean(spec == cd19))
+        assert abs(f - share) < 4 * math.sqrt(share * (1 - share) / a.sum()) + 1e-12, (f, share, a.sum())

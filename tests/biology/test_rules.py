@@ -182,3 +182,36 @@ def test_field_sources_from_tissue_damage_and_ifng():
         bio.cxcl10_nM_per_min_per_damage * dmg + 0.5 * bio.cxcl10_nM_per_min,
         rtol=1e-6,
     )
+
+
+@pytest.mark.parametrize("form", ["contact_kills", "contact_kills_masked"])
+def test_anti_car_t_attack_only_the_product_they_were_raised_against(form):
+    """Anti-CAR T cells may kill every CAR product (can_kill), but each is specific to one
+    (specific_to): next to one CD19 and one BCMA CAR-T at the same distance, with a kill at every
+    contact, those raised against CD19 kill CD19 CAR-T only, those against BCMA BCMA CAR-T only,
+    and those without a specificity either."""
+    anti = CELL_TYPES.index("anti_car_t")
+    bcma = CELL_TYPES.index("bcma_car_t")
+    assert TABLE.can_kill[anti, CAR] and TABLE.can_kill[anti, bcma]
+    n = 300
+    side = math.ceil(math.sqrt(n))
+    grid = Grid((1, side * 4, side * 4), 10.0)
+    pop = Population(NUMPY, capacity=3 * n + 8)
+    rules.register_cell_attributes(pop)
+    k = np.arange(n)
+    base = np.stack([(k % side) * 40.0 + 10.0, (k // side) * 40.0 + 10.0, np.full(n, 5.0)], 1)
+    spec = np.array([CAR, bcma, -1], np.int32)[k % 3]
+    pop.add(base, anti, specific_to=spec)
+    pop.add(base + np.array([5.0, 0.0, 0.0]), CAR)
+    pop.add(base - np.array([5.0, 0.0, 0.0]), bcma)
+    kill_p = TABLE.kill_p.copy()
+    kill_p[anti] = 1.0
+    pairs = contacts(pop, BIO.contact_radius_um, [anti], None, grid=grid, exact=form == "contact_kills")
+    dead, _ = getattr(rules, form)(
+        pop, pairs, TABLE.can_kill, kill_p, 0.0, BIO.handling_time_min, BIO.exhaustion_kills, 0, 1
+    )
+    dead_car, dead_bcma = dead[n : 2 * n], dead[2 * n :]
+    assert dead_car[spec == CAR].all() and not dead_bcma[spec == CAR].any()
+    assert dead_bcma[spec == bcma].all() and not dead_car[spec == bcma].any()
+    unspecific = spec < 0
+    assert (dead_car[unspecific] ^ dead_bcma[unspecific]).all()  # one kill each, either product

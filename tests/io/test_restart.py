@@ -117,3 +117,20 @@ def test_resume_refuses_to_change_the_model(tmp_path):
     cfg = tissuesim.load_config([*BASE, f"resume={tmp_path / 'nowhere'}"])
     with pytest.raises(ConfigError, match=r"no snapshots\.h5 there"):
         run_to_directory(cfg, tmp_path / "c", overrides=[])
+
+
+def test_restore_from_a_checkpoint_without_a_newer_cell_attribute(caplog):
+    """A checkpoint written before a cell attribute existed (here: without specific_to) restores
+    the others and gives that attribute its registered fill for every cell, with a warning."""
+    from tissuesim.io import checkpoint
+
+    a = tissuesim.Simulation(tissuesim.load_config(BASE))
+    a.run(until_day=0.05)
+    arrays, meta = checkpoint.capture(a)
+    a.cells["specific_to"][: a.cells.n] = 3  # what the restore must overwrite
+    old = {k: v for k, v in arrays.items() if k != "cells/specific_to"}
+    with caplog.at_level("WARNING", logger="tissuesim"):
+        checkpoint.restore(a, old, meta)
+    assert "specific_to" in caplog.text
+    assert (a.cells["specific_to"][: a.cells.n] == -1).all()
+    np.testing.assert_array_equal(a.cells["id"][: a.cells.n], arrays["cells/id"])

@@ -96,6 +96,11 @@ class Immunology:
         self.car_mask = np.zeros(len(t.cell_types), bool)
         self.car_mask[list(t.car_types)] = True
         self.killer_types = [int(k) for k in np.flatnonzero(t.kill_p > 0)]
+        # anti-CAR T cells and the cell types of the blood's CAR products, in its order
+        self._anti = t.index("anti_car_t") if "anti_car_t" in t.cell_types else None
+        self._product_types_d = self.xp.asarray(
+            np.array([t.index(p) for p in self.blood.products], dtype=np.int32)
+        )
         self.target_types = [int(k) for k in np.flatnonzero(t.can_kill[self.killer_types].any(axis=0))]
         self.cd20 = t.carrying("CD20")
         self.secretes_ab = np.zeros(len(t.cell_types), bool)
@@ -175,8 +180,8 @@ class Immunology:
         if cell_type in b.products:
             return b.car_t_per_ul(cell_type)
         if cell_type == "anti_car_t":
-            r = max((b.y[f"R_{p}"] for p in b.products), default=0.0)
-            return self.bio.anti_car_t_max_per_ul * r
+            # one clone per CAR binder, each at most anti_car_t_max_per_ul at full response
+            return self.bio.anti_car_t_max_per_ul * sum(b.y[f"R_{p}"] for p in b.products)
         if cell_type == "macrophage":
             return self.bio.monocyte_per_ul
         return 0.0
@@ -231,6 +236,8 @@ class Immunology:
         means = self.table.extravasation * conc * self.n_sites * dt_min * infl
         arrivals = poisson_small(means, sim.seed, step)
         extravasate_many(pop, sim.grid, self.sites, arrivals, step, sim.seed, n_sites=self.n_sites)
+        if self._anti is not None and arrivals[self._anti] > 0:
+            self._assign_specificity(pop, n0, step)
         for ti in np.flatnonzero(arrivals):
             if names[ti] not in ("macrophage", "anti_car_t"):  # these come from pools not modelled in blood
                 self._move_blood(names[ti], -int(arrivals[ti]))
@@ -381,8 +388,26 @@ class Immunology:
         )
         return killed
 
-    #: what a daughter takes from its parent (position, type, state, and its kill history)
-    INHERIT = ("position", "type", "state", "kills", "last_kill")
+    def _assign_specificity(self, pop, n0: int, step: int) -> None:
+        """Anti-CAR T cells that arrived (rows n0:) each take one CAR product as their target,
+        with probability R_p / sum R (the blood responses against each product's binder), by a
+        uniform keyed by the cell's id; a response raised against one binder then spares the
+        others (a fully human binder escapes one raised against a murine binder). Host
+        scalars only: no upload on the GPU."""
+        b = self.blood
+        r = np.array([b.y[f"R_{p}"] for p in b.products], dtype=np.float64)
+        cum = np.cumsum(r) / r.sum()
+        xp = self.xp
+        ids = pop.id[n0 : pop.n]
+        u = rng.draw_uniform(ids, step, rules.PURPOSE_SPECIFICITY, 0, self.sim.seed, xp=xp)[0]
+        k = xp.zeros(u.shape, dtype=np.intp)
+        for c in cum[:-1].tolist():  # k = number of cumulative shares below u
+            k += u > c
+        spec = pop["specific_to"][n0 : pop.n]
+        spec[...] = xp.where(pop.type[n0 : pop.n] == self._anti, self._product_types_d[k], spec)
+
+    #: what a daughter takes from its parent (position, type, state, its kill history and target)
+    INHERIT = ("position", "type", "state", "kills", "last_kill", "specific_to")
 
     def _births_and_exits_host(self, pop, dead, leave, divide, t, step: int, dt_min: float) -> None:
         sim = self.sim

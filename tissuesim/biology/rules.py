@@ -7,7 +7,10 @@ kernels. Random numbers come from agents.rng keyed by (seed, cell id, step, purp
 Cell states (Population.state, uint8): 0 resting, 1 activated (B cells, macrophages).
 Per-cell attributes registered by the immunology layer (float32 unless noted):
 ``busy_until`` (min, end of the current contact), ``last_kill`` (min, time of the last kill, for
-antigen-driven proliferation), ``kills`` (int32, accumulated kills, for exhaustion).
+antigen-driven proliferation), ``kills`` (int32, accumulated kills, for exhaustion),
+``specific_to`` (int32, the one target cell type a killer attacks, among those its row of the
+kill table allows; -1: all of them. Anti-CAR T cells are raised against one CAR product's binder,
+so each takes the product it arrived against).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from tissuesim.agents.neighbours import Pairs, claim_targets
 
 PURPOSE_FATE = rng.PURPOSE_USER  # death, division, state change: one Philox block per cell
 PURPOSE_KILL = rng.PURPOSE_USER + 1
+PURPOSE_SPECIFICITY = rng.PURPOSE_USER + 3  # (+ 2 is the arrivals' Poisson draw, immunology.py)
 
 RESTING = 0
 ACTIVATED = 1
@@ -36,6 +40,7 @@ def register_cell_attributes(pop) -> None:
         ("busy_until", np.float32, 0.0),
         ("last_kill", np.float32, LAST_KILL_NEVER),
         ("kills", np.int32, 0),
+        ("specific_to", np.int32, -1),
     ):
         if name not in pop.names:
             pop.register(name, dt, fill)
@@ -96,6 +101,10 @@ def contact_kills(
     v = (i >= 0) & (j >= 0)
     i, j = i[v], j[v]
     ok = ck[t[i], t[j]]
+    spec = _specific_to(pop, n)
+    if spec is not None:
+        si = spec[i]
+        ok &= (si < 0) | (si == t[j])
     i, j = i[ok], j[ok]
     busy = pop["busy_until"][:n]
     free = busy <= np.float32(now_min)
@@ -152,7 +161,13 @@ def contact_kills_masked(
     i = pairs.i.astype(np.int64)
     j = pairs.j.astype(np.int64)
     ok = (i >= 0) & (j >= 0)
-    ok &= can_kill[t[xp.where(ok, i, 0)], t[xp.where(ok, j, 0)]]
+    i0 = xp.where(ok, i, 0)
+    tj = t[xp.where(ok, j, 0)]
+    ok &= can_kill[t[i0], tj]
+    spec = _specific_to(pop, n)
+    if spec is not None:
+        si = spec[i0]
+        ok &= (si < 0) | (si == tj)
     pi = xp.where(ok, i, -1).astype(np.int32)
     pj = xp.where(ok, j, -1).astype(np.int32)
     busy = pop["busy_until"][:n]
@@ -188,7 +203,24 @@ def _contact_kills_kernels(pop, pairs, can_kill, kill_p, now_min, handling_min, 
     oi = xp.empty(npairs, dtype=np.int32)
     oj = xp.empty(npairs, dtype=np.int32)
     ck = xp.ascontiguousarray(xp.asarray(can_kill, dtype=bool)).view(np.uint8)
-    K.launch(pop.be, "kill_pair_mask", npairs, (pi, pj, np.int64(npairs), pop.type, ck, np.int32(nt), oi, oj))
+    spec = _specific_to(pop, n)
+    K.launch(
+        pop.be,
+        "kill_pair_mask",
+        npairs,
+        (
+            pi,
+            pj,
+            np.int64(npairs),
+            pop.type,
+            ck,
+            np.int32(nt),
+            pop.type if spec is None else pop["specific_to"],  # not read without specificities
+            np.int32(spec is not None),
+            oi,
+            oj,
+        ),
+    )
     busy = pop["busy_until"]
     free = busy[:n] <= np.float32(now_min)
     target_of, _ = claim_targets(pop, Pairs(oi, oj, None), source_ok=free)
@@ -221,6 +253,11 @@ def _contact_kills_kernels(pop, pairs, can_kill, kill_p, now_min, handling_min, 
         ),
     )
     return dead, engaged
+
+
+def _specific_to(pop, n: int):
+    """The killers' ``specific_to`` rows [:n] (int32), or None where the attribute is absent."""
+    return pop["specific_to"][:n] if "specific_to" in pop.names else None
 
 
 def sample_field(values, vox):

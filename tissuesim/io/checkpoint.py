@@ -21,6 +21,7 @@ Layout (created with the file, appended like snapshots, SWMR-safe)::
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 
@@ -101,7 +102,15 @@ def restore(sim, arrays: dict[str, np.ndarray], meta: dict) -> None:
     for name in cells.names:
         buf = cells[name]
         buf[...] = cells._fill[name]
-        buf[:n] = xp.asarray(arrays[f"cells/{name}"])
+        key = f"cells/{name}"
+        if key not in arrays:  # an attribute newer than the checkpoint: its registered fill
+            logging.getLogger("tissuesim").warning(
+                "checkpoint has no cell attribute %r (written by an older tissuesim); its cells get %r",
+                name,
+                cells._fill[name],
+            )
+            continue
+        buf[:n] = xp.asarray(arrays[key])
     cells.n = n
     cells.next_id = int(meta["next_id"])
     if hasattr(cells, "pair_capacity"):
