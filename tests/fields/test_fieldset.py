@@ -154,6 +154,30 @@ def test_explicit_substeps_keep_max_principle(be):
     assert np.abs(out - u).max() > 0.05
 
 
+@pytest.mark.parametrize("shape", [(5, 12, 14), (1, 12, 14), (4, 1, 9)])
+def test_explicit_substeps_keep_max_principle_with_dirichlet_faces(be, shape):
+    """Dirichlet values on every face (a length-1 axis: both on its one voxel), in [0, 1] like the
+    checkerboard start, uniform D, dt exactly 9 substeps at the FieldSet's limit: every value
+    stays in [0, 1].
+    At the bare 2 ndim limit the coefficient of a voxel's own value on a Dirichlet face is
+    1 - (2 ndim + 1) / (2 ndim) < 0 (a review measured -0.25 after one step from 1 beside a 0
+    face), so values left [0, 1]."""
+    bc = {"x-": 0.0, "x+": 1.0, "y-": 0.0, "y+": 0.0}
+    if shape[0] > 1:
+        bc.update({"z-": 0.0, "z+": 1.0})
+    spec = FieldSpec("c", 80.0, solver="explicit", bc=bc)
+    fs = FieldSet(be, Grid(shape, dx=10.0), [spec], dtype="float64", track_budget=False)
+    dt = 9 * fs.stable_dt("c")
+    assert fs.plan(dt).substeps["c"] == 9
+    # a checkerboard with 1 in the corner voxel: there, 0 on every face next to it (the worst case)
+    k, j, i = np.indices(shape)
+    fs.values[...] = be.asarray(((i + j + k) % 2 == 0).astype(float)[None])
+    for _ in range(3):
+        fs.step(dt)
+        u = be.asnumpy(fs["c"])
+        assert u.min() >= -1e-12 and u.max() <= 1 + 1e-12, (u.min(), u.max())
+
+
 def test_too_few_substeps_is_a_clear_error(be):
     grid = Grid((1, 16, 16), dx=10.0)
     spec = FieldSpec("il6", 1000.0, solver="explicit", max_substeps=2)
@@ -221,7 +245,7 @@ def test_fieldset_explicit_substeps_match_plain_function(be, n_sub, order):
     ("dab": one slice copy) or not ("adb": slot by slot), and leave the non-diffusing field alone."""
     rng = np.random.default_rng(5)
     grid = Grid((4, 9, 11), dx=10.0)
-    lim = explicit_stable_dt(60.0, 10.0, 3)
+    lim = explicit_stable_dt(60.0, 10.0, 3, weight=7)  # one Dirichlet face per field: W = 2 ndim + 1
     dt = lim * (n_sub - 0.5)
     spec = {
         "d": FieldSpec("d", 0.0),

@@ -11,7 +11,12 @@ import numpy as np
 
 from tissuesim.fields import ops
 from tissuesim.fields.boundary import normalize_bc
-from tissuesim.fields.solvers import AUTO_MAX_EXPLICIT_SUBSTEPS, explicit_stable_dt, substeps_needed
+from tissuesim.fields.solvers import (
+    AUTO_MAX_EXPLICIT_SUBSTEPS,
+    explicit_stable_dt,
+    stencil_weight,
+    substeps_needed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +166,8 @@ class FieldSet:
         for f, s in enumerate(self.specs):
             kinds[f], vals[f] = normalize_bc(s.bc, shape, who=f"field {s.name!r}")
         self._kinds_host = kinds
+        #: per field, W of its explicit limit h <= dx^2 / (W D_max) (solvers.stencil_weight)
+        self._weights = [stencil_weight(kinds[f], shape) for f in range(nf)]
         self.bc_kind = xp.asarray(kinds)
         self.bc_val = xp.asarray(vals.astype(self.dtype))
 
@@ -231,7 +238,8 @@ class FieldSet:
 
     def stable_dt(self, name: str) -> float:
         """Largest stable explicit step for one field, in min."""
-        return explicit_stable_dt(self.D_max[name], self.grid.dx, self.grid.ndim)
+        f = self.names.index(name)
+        return explicit_stable_dt(self.D_max[name], self.grid.dx, self.grid.ndim, weight=self._weights[f])
 
     def plan(self, dt: float) -> _Plan:
         """Choose the scheme of every field for step dt (min); raise if an explicit one cannot take it.
@@ -248,7 +256,7 @@ class FieldSet:
         lod: list[int] = []
         solver, nsub = {}, {}
         for f, s in enumerate(self.specs):
-            n = substeps_needed(dt, self.D_max[s.name], self.grid.dx, self.grid.ndim)
+            n = substeps_needed(dt, self.D_max[s.name], self.grid.dx, self.grid.ndim, weight=self._weights[f])
             if n == 0:
                 solver[s.name], nsub[s.name] = "none", 0
                 continue
