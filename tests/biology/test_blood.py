@@ -280,3 +280,19 @@ def test_anti_car_t_arrive_specific_to_the_products_in_proportion_to_their_respo
         assert a.sum() > 200 and set(np.unique(spec)) <= {cd19, bcma}
         f = float(np.mean(spec == cd19))
         assert abs(f - share) < 4 * math.sqrt(share * (1 - share) / a.sum()) + 1e-12, (f, share, a.sum())
+
+
+def test_tocilizumab_lowers_the_inflammation_that_draws_cells_into_the_tissue():
+    """Extravasation follows the IL-6 that acts: with tocilizumab's receptor blockade b, the
+    inflammation factor is that of IL-6 x (1 - b), not of the serum level (which the antibody
+    leaves, or even raises)."""
+    sim = tissuesim.Simulation(tissuesim.load_config(["grid=tiny", "backend=numpy", "therapy=cd19"]))
+    imm, b = sim.immunology, sim.immunology.blood
+    b.y["il6"] = 400.0
+    raw = imm.inflammation_factor()
+    b.toci_day = b.day  # given now: full blockade
+    blocked = imm.inflammation_factor()
+    gain, kd = imm.bio.inflammation_gain, imm.bio.inflammation_il6_kd_pg_per_ml
+    eff = 400.0 * (1 - b.cfg.tocilizumab_blockade)
+    assert raw == pytest.approx(1 + gain * 400.0 / (400.0 + kd))
+    assert blocked == pytest.approx(1 + gain * eff / (eff + kd)) and blocked < raw

@@ -208,7 +208,9 @@ class Immunology:
         return self.device_blood().cb[: len(self.sim.fields.names)]
 
     def inflammation_factor(self) -> float:
-        il6 = self.blood.y["il6"]
+        """1 + gain x IL-6 / (IL-6 + Kd): extravasation in inflamed tissue, driven by the IL-6
+        that acts (tocilizumab blocks the receptor: Blood.il6_effective), as the CRS grade is."""
+        il6 = self.blood.il6_effective()
         return 1.0 + self.bio.inflammation_gain * il6 / (il6 + self.bio.inflammation_il6_kd_pg_per_ml)
 
     def _move_blood(self, cell_type: str, cells: int) -> None:
