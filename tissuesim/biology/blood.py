@@ -22,13 +22,17 @@ product p's target, k = kill_per_car_t_per_ul_per_day, T_p = E_p + M_p)::
     dX_p/dt = -X_p f_p / tau_exh                 (a fresh dose mixes in at X = 1)
     dM_p/dt = mu d_E (1 - X_p f_p) E_p - d_M M_p - k_rej R_p M_p
     dR_p/dt = g_p R_p (1 - R_p)                  (after first exposure; g_p = growth x immunogenicity [x allo])
-    db_naive/dt = (b0 - b_naive) / tau_B - kill_CD19(b_naive) - rtx_kill b_naive
-    db_auto/dt  = (a0 D(ab) b_naive / b0 - b_auto) / tau_A - kill_CD19(b_auto) - rtx_kill b_auto
-    dpb/dt = (pb0 b_auto / a0 - pb) / tau_pb - kill_CD19(pb) - kill_BCMA(pb)
-    dpc/dt = pc0 / tau_pc * pb / pb0 - pc / tau_pc - kill_BCMA(pc)
+    db_naive/dt = (b0 - a0 - b_naive) / tau_B - (kill_CD19 + rtx_kill) b_naive
+    db_auto/dt  = g_A D(ab) b_auto (1 - b_auto / a0) - (access_A kill_CD19 + access_rtx rtx_kill) b_auto
+    dpb/dt = (pb0 D(ab) b_auto / a0 - pb) / tau_pb - (kill_CD19 + kill_BCMA) pb
+    dpc/dt = pc0 / tau_pc * pb / pb0 - pc / tau_pc - kill_BCMA pc
     dab/dt = k_G [(1 - phi) pb / pb0 + phi pc / pc0] - k_G ab
-    dil6/dt = k_6 il6_0 + s_6 (1 - steroid) sum_p f_p T_p - k_6 il6
+    dil6/dt = k_6 (il6_0 - il6) + s_6 (1 - steroid) sum_p f_p T_p
     drtx/dt = -k_rtx rtx
+
+with kill_CD19 = k sum of T_p over the CD19 products (BCMA alike) as per-cell rates, rtx_kill =
+k_R rtx / (rtx + EC50), g_A the autoreactive clone's renewal rate and access_A, access_rtx the
+shares of the blood kill rates that reach it in its niches.
 
 The disease drive D(ab) = ab^h (1 + K^h) / (ab^h + K^h), with D(1) = 1, closes the autoimmune
 loop: autoantibody damages tissue, damaged tissue releases autoantigen and inflammation, and
