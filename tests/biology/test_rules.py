@@ -184,6 +184,27 @@ def test_field_sources_from_tissue_damage_and_ifng():
     )
 
 
+def test_engaged_car_t_and_anti_car_t_secrete_ifng_resting_ones_do_not():
+    """IFN-gamma comes from engaged CAR-T and T cells (MODEL.md section 2): an engaged CD19 CAR-T
+    and an engaged anti-CAR T cell each add one cell's rate to their voxel; a resting one and an
+    engaged B cell add nothing."""
+    sim = tissuesim.Simulation(tissuesim.load_config(["grid=tiny", "backend=numpy", "therapy=none"]))
+    imm, f = sim.immunology, sim.fields
+    sim.cells.remove(np.ones(sim.cells.n, dtype=bool))
+    f["damage"][...] = 0
+    f["ifng"][...] = 0
+    ct = sim.cell_types
+    types = np.array([ct.index(c) for c in ("cd19_car_t", "anti_car_t", "anti_car_t", "b_cell")])
+    sim.cells.add(np.zeros((4, 3)), types)  # resting (state 0); their voxels are given below
+    vox = np.array([10, 20, 30, 40], dtype=np.int64)
+    engaged = np.array([True, True, False, True])
+    imm._sources(vox, engaged, np.ones(4, dtype=bool))
+    got = imm.source[f.index("ifng")].reshape(-1)
+    want = np.zeros_like(got)
+    want[[10, 20]] = np.float32(imm.ifng_per_cell)
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("form", ["contact_kills", "contact_kills_masked"])
 def test_anti_car_t_attack_only_the_product_they_were_raised_against(form):
     """Anti-CAR T cells may kill every CAR product (can_kill), but each is specific to one

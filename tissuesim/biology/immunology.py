@@ -145,22 +145,26 @@ class Immunology:
         self._can_kill_d = xp.asarray(self.table.can_kill)
         self._kill_p_d = xp.asarray(np.asarray(self.table.kill_p, dtype=np.float64))
         self._type_range_d = xp.arange(nt, dtype=np.int64)
-        self._car_mask_d = xp.asarray(self.car_mask)
         self._killer_mask_d = xp.asarray(self.killer_mask)  # for the host path on a GPU
         self._target_mask_d = xp.asarray(self.target_mask)
         self._secretes_ab_d = xp.asarray(self.secretes_ab)
         self._p_exit_d = xp.asarray(self.p_exit)
         self._vessel_flat = self.vessel_mask.reshape(-1) != 0
         self._fate_tables = None
-        # Source category of a cell by (type, engaged, activated): 0 IFN-gamma (engaged CAR-T),
-        # 1 activated macrophage, 2 antibody-secreting, 3 none. The categories are exclusive by
-        # type, so one integer bincount over (category, voxel) gives all three counts.
+        # Source category of a cell by (type, engaged, activated): 0 IFN-gamma (engaged CAR-T
+        # and anti-CAR T cells: "engaged CAR-T and T cells", MODEL.md section 2), 1 activated
+        # macrophage, 2 antibody-secreting, 3 none. The categories are exclusive by type, so one
+        # integer bincount over (category, voxel) gives all three counts.
+        self.secretes_ifng = self.car_mask.copy()
+        if self._anti is not None:
+            self.secretes_ifng[self._anti] = True
+        self._secretes_ifng_d = xp.asarray(self.secretes_ifng)
         cat = np.full((nt, 2, 2), 3, dtype=np.int64)
-        cat[self.car_mask, 1, :] = 0
+        cat[self.secretes_ifng, 1, :] = 0
         cat[self.idx["macrophage"], :, 1] = 1
         cat[self.secretes_ab, :, :] = 2
-        exclusive = not (self.car_mask & self.secretes_ab).any() and not (
-            self.car_mask[self.idx["macrophage"]] or self.secretes_ab[self.idx["macrophage"]]
+        exclusive = not (self.secretes_ifng & self.secretes_ab).any() and not (
+            self.secretes_ifng[self.idx["macrophage"]] or self.secretes_ab[self.idx["macrophage"]]
         )
         self._source_cat = xp.asarray(cat.reshape(-1)) if exclusive else None
         # Which types can arrive (extravasation > 0): only their blood concentration is needed.
@@ -641,7 +645,7 @@ class Immunology:
             cat += vox
             xp.minimum(cat, 3 * nvox, out=cat)
         else:
-            ifng = engaged & self._car_mask_d[t]
+            ifng = engaged & self._secretes_ifng_d[t]
             mac = alive & (t == self.idx["macrophage"]) & act
             ab = alive & self._secretes_ab_d[t]
             cat = xp.concatenate(
