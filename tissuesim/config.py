@@ -192,6 +192,7 @@ class BiologyConfig:
     plasmablast_differentiation_per_day: float = 0.05
     plasma_cell_differentiation_per_day: float = 0.02
     igg_molecules_per_cell_per_s: float = 2000.0
+    tissue_igg_autoantibody_fraction: float = 0.05
     autoantibody_baseline_nM: float = 1000.0
     cxcl13_nM_per_min_per_damage: float = 0.01
     cxcl10_nM_per_min: float = 0.05

@@ -109,9 +109,11 @@ class Immunology:
         # Secretion per cell as a rate of concentration in its voxel (units/min).
         self.ifng_per_cell = ifng_nM_per_min_per_cell(bio.ifng_molecules_per_cell_per_s, self.voxel_um3)
         self.il6_per_cell = pg_per_ml_per_min_per_cell(bio.il6_pg_per_cell_per_hour, self.voxel_um3)
-        # IgG molecules/s -> nM/min in the voxel -> rel (1 = baseline serum concentration).
+        # IgG molecules/s -> nM/min in the voxel -> rel (1 = baseline serum concentration), of
+        # which the disease autoantibody is the share tissue_igg_autoantibody_fraction.
         self.ab_per_cell = (
             ifng_nM_per_min_per_cell(bio.igg_molecules_per_cell_per_s, self.voxel_um3)
+            * bio.tissue_igg_autoantibody_fraction
             / bio.autoantibody_baseline_nM
         )
         f = sim.fields

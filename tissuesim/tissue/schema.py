@@ -110,13 +110,13 @@ class MuscleConfig(TissueConfig):
     perimysial_vessel_diameter_um: float = 40.0  # 20-100 um arterioles/venules (modelling choice)
     perivascular_cuff_um: float = 40.0  # niche: open voxels within this distance of a perimysial vessel
     fibre_diffusion: Diffusion = field(
-        default_factory=lambda: Diffusion(0.05, 0.05, 0.05, 0.05, 0.01, 0.0)
-    )  # inside myofibres: membranes exclude proteins (modelling choice)
+        default_factory=lambda: Diffusion(0.05, 0.05, 0.05, 0.05, 0.0, 0.0)
+    )  # inside myofibres: membranes exclude proteins, IgG entirely (modelling choice)
     damage_peak: float = 0.6  # perifascicular damage at the fascicle edge, rel (modelling choice)
     # e-folding depth of damage from the perimysium: 1-2 fibre layers (perifascicular atrophy)
     damage_depth_um: float = 60.0
-    # interstitial/serum IgG ratio 0.3-0.5 (lymph:plasma protein ratio; modelling choice)
-    autoantibody_interstitial: float = 0.4
+    # initial interstitial/serum autoantibody: the untreated equilibrium of the patch (see muscle.yaml)
+    autoantibody_interstitial: float = 0.65
     infiltrate: InfiltrateConfig = field(default_factory=InfiltrateConfig)
 
     def validate(self) -> None:
@@ -155,7 +155,7 @@ class LungConfig(TissueConfig):
     sheath_um: float = 40.0  # bronchovascular interstitium around airway and artery
     lymphoid_aggregate_diameter_um: float = 200.0  # iBALT in ILD, 100-300 um (modelling choice), disease only
     damage_peak: float = 0.4  # septal injury in ILD, rel (modelling choice)
-    autoantibody_interstitial: float = 0.4  # interstitial/serum IgG ratio (modelling choice)
+    autoantibody_interstitial: float = 0.7  # untreated equilibrium of the patch (see lung.yaml)
     infiltrate: InfiltrateConfig = field(default_factory=InfiltrateConfig)
 
     def validate(self) -> None:
@@ -193,7 +193,7 @@ class JointConfig(TissueConfig):
     bone_diffusion: Diffusion = field(default_factory=lambda: Diffusion(0.0, 0.0, 0.0, 0.0, 0.0, 0.0))
     damage_peak: float = 0.5  # cartilage surface / lining damage in RA, rel (modelling choice)
     damage_depth_um: float = 50.0  # e-folding depth into the cartilage from its surface (modelling choice)
-    autoantibody_interstitial: float = 0.4  # synovial fluid/serum IgG ~0.5 in RA (modelling choice)
+    autoantibody_interstitial: float = 0.3  # untreated equilibrium of the patch (see joint.yaml)
     infiltrate: InfiltrateConfig = field(default_factory=InfiltrateConfig)
 
     def validate(self) -> None:
