@@ -300,7 +300,9 @@ _NONNEGATIVE_SUFFIXES = (
 
 # Keys whose name ends in these are shares of a whole: 0..1, except the caps listed after.
 _SHARE_SUFFIXES = ("_fraction", "_blockade", "_niche_access", "_penetration")
-_SHARES_ABOVE_ONE = ("max_drift_fraction",)  # a cap on drift speed as a multiple of cell speed
+# max_drift_fraction caps drift speed as a multiple of cell speed; relapse_b_cell_fraction is a
+# B-cell return threshold as a multiple of baseline
+_SHARES_ABOVE_ONE = ("max_drift_fraction", "relapse_b_cell_fraction")
 
 
 def _walk(node: Any, prefix: str):

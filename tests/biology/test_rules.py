@@ -236,3 +236,23 @@ def test_anti_car_t_attack_only_the_product_they_were_raised_against(form):
     assert dead_bcma[spec == bcma].all() and not dead_car[spec == bcma].any()
     unspecific = spec < 0
     assert (dead_car[unspecific] ^ dead_bcma[unspecific]).all()  # one kill each, either product
+
+
+@pytest.mark.parametrize("path", ["_births_and_exits_host", "_births_and_exits_device"])
+def test_daughters_inherit_every_inherited_attribute_on_both_paths(path):
+    """A dividing cell's daughter copies Immunology.INHERIT (kills, last_kill, specific_to, ...)
+    on the NumPy path as on the device path (which both run here on NumPy); the NumPy path had
+    dropped specific_to, so a daughter of an anti-CAR T cell would have attacked every product."""
+    sim = tissuesim.Simulation(tissuesim.load_config(["grid=tiny", "backend=numpy", "therapy=dual"]))
+    imm, pop = sim.immunology, sim.cells
+    anti, bcma = sim.cell_types.index("anti_car_t"), sim.cell_types.index("bcma_car_t")
+    pop.remove(np.ones(pop.n, bool))
+    pop.add(np.array([[50.0, 50.0, 5.0]]), anti, state=1, kills=3, last_kill=-7.0, specific_to=bcma)
+    imm.blood_on_device = False  # the device path's exits then go to the host blood
+    z, div = np.zeros(1, bool), np.ones(1, bool)
+    getattr(imm, path)(pop, z, z, div, pop.type[:1].astype(np.int64), 0, 1.0)
+    assert pop.n == 2
+    for name in imm.INHERIT:
+        if name != "position":
+            np.testing.assert_array_equal(pop[name][1], pop[name][0], err_msg=name)
+    assert pop["specific_to"][1] == bcma

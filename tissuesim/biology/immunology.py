@@ -8,7 +8,8 @@ Patch-to-body scaling: the patch (grid volume, a 2D grid is a slab one voxel thi
 ``inflamed_volume_ml`` of inflamed organ, so one patch cell that enters or leaves moves
 patch_equivalents = inflamed volume / patch volume body cells, i.e. patch_equivalents /
 blood volume (uL) cells/uL between blood and tissue. Arrivals per vessel voxel per minute are
-``extravasation x blood concentration (cells/uL)`` scaled by inflammation (serum IL-6).
+``extravasation x blood concentration (cells/uL)`` scaled by inflammation (the serum IL-6 that
+acts, after tocilizumab's receptor blockade).
 """
 
 from __future__ import annotations
@@ -409,6 +410,7 @@ class Immunology:
         ids = pop.id[n0 : pop.n]
         u = rng.draw_uniform(ids, step, rules.PURPOSE_SPECIFICITY, 0, self.sim.seed, xp=xp)[0]
         k = xp.zeros(u.shape, dtype=np.intp)
+        u = u.astype(np.float64)  # compared in double: a float32 would round the shares
         for c in cum[:-1].tolist():  # k = number of cumulative shares below u
             k += u > c
         spec = pop["specific_to"][n0 : pop.n]
@@ -440,7 +442,9 @@ class Immunology:
                 self._move_blood(self.table.cell_types[ti], int(left[ti]))
         if parents.shape[0]:
             n0 = pop.n
-            pop.add(d["position"], d["type"], state=d["state"], kills=d["kills"], last_kill=d["last_kill"])
+            # every inherited attribute beyond position, type and state, as the device path does
+            more = {k: d[k] for k in self.INHERIT if k not in ("position", "type", "state")}
+            pop.add(d["position"], d["type"], state=d["state"], **more)
             init_velocity(pop, sim.motility, sim.grid.ndim, sim.seed, start=n0)
 
     def _births_and_exits_device(
@@ -682,7 +686,8 @@ class Immunology:
             if "cxcl13" in fi:
                 xp.multiply(dmg, f32(bio.cxcl13_nM_per_min_per_damage), out=out("cxcl13"))
         if "cxcl10" in fi:
-            # IFN-gamma-induced (engaged CAR-T) plus the disease's own CXCL10 from damaged tissue
+            # IFN-gamma-induced (engaged CAR-T and anti-CAR T) plus the disease's own CXCL10 from
+            # damaged tissue
             c10 = out("cxcl10")
             if "ifng" in fi:
                 g = f["ifng"].reshape(-1)

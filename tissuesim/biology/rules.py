@@ -215,7 +215,7 @@ def _contact_kills_kernels(pop, pairs, can_kill, kill_p, now_min, handling_min, 
             pop.type,
             ck,
             np.int32(nt),
-            pop.type if spec is None else pop["specific_to"],  # not read without specificities
+            pi if spec is None else pop["specific_to"],  # an int32 stand-in, not read without them
             np.int32(spec is not None),
             oi,
             oj,

@@ -71,7 +71,7 @@ class _Plan:
     substeps: dict  # name -> explicit substeps (0 for lod / none)
     #: per explicit group: slice(first, last + 1) when its slots are consecutive, else the host
     #: list of slots (for the odd-substep copy, which must not read the device slot array)
-    explicit_host: list = field(default_factory=list)
+    explicit_host: list
 
 
 def _abandon(stream) -> None:
@@ -392,7 +392,7 @@ class FieldSet:
         # tests/fields/test_accuracy.py).
         self._react(dt, source, uptake, c_blood)
 
-        for (n, slots, dfaces), host in zip(p.explicit, p.explicit_host):
+        for (n, slots, dfaces), host in zip(p.explicit, p.explicit_host, strict=True):
             if self._tmp is None:
                 self._tmp = xp.empty_like(u)
             h_dx2 = dt / n / dx2

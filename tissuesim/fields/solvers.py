@@ -35,7 +35,8 @@ def stencil_weight(kinds, shape) -> int:
     voxel away), bounded per axis. kinds : int (6,) boundary kinds of faces x-, x+, y-, y+, z-, z+;
     shape : (nz, ny, nx). An axis of length >= 2 adds max(2, 1 + w_lo, 1 + w_hi) (w: 2 Dirichlet,
     1 periodic, 0 zero flux), one of length 1 adds 2 per Dirichlet face (none: it is not swept).
-    Without Dirichlet faces W = 2 ndim, the classical bound; with them the coefficient of a
+    Without Dirichlet faces and axes one voxel long W = 2 ndim, the classical bound; with
+    Dirichlet faces the coefficient of a
     voxel's own value, 1 - h/dx^2 sum(face coefficients), stays >= 0, so a step never makes a
     value negative or overshoot (the bare 2 ndim bound let a Dirichlet voxel's coefficient reach
     1 - (2 ndim + 1) / (2 ndim) < 0).
