@@ -54,7 +54,7 @@ enum {
     P_PHI,             // long_lived_antibody_fraction
     P_STEROID,         // steroid_il6_reduction
     P_IL6_0,           // il6_baseline_pg_per_ml
-    P_S6,              // il6_pg_per_ml_per_day_per_engaged_car_t
+    P_S6,              // il6_pg_per_ml_per_killed_cell_per_ul
     P_RHO,             // ln 2 / car_t_doubling_days
     P_DE,              // ln 2 / effector_half_life_days
     P_DM,              // ln 2 / memory_half_life_days
@@ -83,7 +83,7 @@ __device__ void blood_rhs(const double* y, double* d, const double* prm, const i
     const double k = prm[P_KILL], kd = prm[P_KD], k_anti = prm[P_KANTI], mf = prm[P_MF], exh = prm[P_EXH];
     const double rho = prm[P_RHO], d_e = prm[P_DE], d_m = prm[P_DM];
     const double bn = y[0], ba = y[1], pb = y[2], pc = y[3], ab = y[4], il6 = y[5], rtx = y[6];
-    double kill_cd19 = 0.0, kill_bcma = 0.0, engaged = 0.0;
+    double kill_cd19 = 0.0, kill_bcma = 0.0;
     for (int p = 0; p < np; ++p) {
         const int i = 7 + 4 * p;
         const double e = y[i], m = y[i + 1], r = y[i + 2], x = y[i + 3];
@@ -100,7 +100,6 @@ __device__ void blood_rhs(const double* y, double* d, const double* prm, const i
         d[i + 3] = e + m > 0.0 ? -x * f / exh : 0.0;
         d[i + 2] = growth[p] * r * (1.0 - r);
         const double t = e + m;
-        engaged += f * t;
         if (code[p] == 0) kill_cd19 += k * t;
         else if (code[p] == 1) kill_bcma += k * t;
     }
@@ -120,7 +119,9 @@ __device__ void blood_rhs(const double* y, double* d, const double* prm, const i
     const double phi = prm[P_PHI], one_phi = 1.0 - phi, k_g = prm[P_KG];
     d[4] = k_g * (one_phi * pb / pb0 + phi * pc / pc0) - k_g * ab;
     const double one_steroid = 1.0 - steroid;
-    d[5] = prm[P_K6] * (prm[P_IL6_0] - il6) + prm[P_S6] * one_steroid * engaged;
+    // antigen+ cells killed by CAR-T per uL per day (the kill terms above, without rituximab's)
+    const double killed = kill_cd19 * bn + prm[P_NICHE] * kill_cd19 * ba + (kill_cd19 + kill_bcma) * pb + kill_bcma * pc;
+    d[5] = prm[P_K6] * (prm[P_IL6_0] - il6) + prm[P_S6] * one_steroid * killed;
     d[6] = -prm[P_KRTX] * rtx;
 }
 

@@ -144,7 +144,7 @@ class BloodConfig:
     igg_half_life_days: float = 21.0
     il6_baseline_pg_per_ml: float = 3.0
     il6_half_life_hours: float = 1.0
-    il6_pg_per_ml_per_day_per_engaged_car_t: float = 60.0
+    il6_pg_per_ml_per_killed_cell_per_ul: float = 43.0
     crs_il6_thresholds_pg_per_ml: list[float] = field(default_factory=lambda: [20.0, 100.0, 500.0, 2000.0])
     tocilizumab_blockade: float = 0.9
     tocilizumab_half_life_days: float = 13.0

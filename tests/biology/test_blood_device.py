@@ -104,7 +104,8 @@ def _cfg_course():
         [
             "+experiment=antisynthetase_case",
             "therapy.crs_management=tocilizumab_steroids",
-            "biology.blood.crs_il6_thresholds_pg_per_ml=[5.0,10.0,20.0,1000.0]",
+            # low thresholds: several grades, and management after the first steps (in the kernel)
+            "biology.blood.crs_il6_thresholds_pg_per_ml=[10.0,25.0,35.0,1000.0]",
         ]
     )
 
@@ -365,8 +366,8 @@ def test_pending_advance_is_redone_when_the_host_changed_anything():
     def end_of_step():
         db.finish(db.launch(60.0, np.zeros(1, np.int64)).copy(), step + 1, 60.0)
 
-    host.advance(60.0)
-    assert db.advance(step, 60.0) == ([], True)
+    events = host.advance(60.0)  # the first step: the host's advance, its events alike
+    assert db.advance(step, 60.0) == (events, True)
     end_of_step()
     for change in ("none", "treated", "growth", "step", "dt"):
         step += 1

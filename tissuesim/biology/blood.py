@@ -27,7 +27,8 @@ product p's target, k = kill_per_car_t_per_ul_per_day, T_p = E_p + M_p)::
     dpb/dt = (pb0 D(ab) b_auto / a0 - pb) / tau_pb - (kill_CD19 + kill_BCMA) pb
     dpc/dt = pc0 / tau_pc * pb / pb0 - pc / tau_pc - kill_BCMA pc
     dab/dt = k_G [(1 - phi) pb / pb0 + phi pc / pc0] - k_G ab
-    dil6/dt = k_6 (il6_0 - il6) + s_6 (1 - steroid) sum_p f_p T_p
+    dil6/dt = k_6 (il6_0 - il6) + s_6 (1 - steroid) killed,
+              killed = kill_CD19 (b_naive + access_A b_auto + pb) + kill_BCMA (pb + pc)
     drtx/dt = -k_rtx rtx
 
 with kill_CD19 = k sum of T_p over the CD19 products (BCMA alike) as per-cell rates, rtx_kill =
@@ -326,7 +327,6 @@ class Blood:
         d = dict.fromkeys(y, 0.0)
         kill_cd19 = 0.0  # per-capita kill rate (1/d) on CD19+ cells, summed over products
         kill_bcma = 0.0
-        engaged = 0.0
         for p, target in self.products.items():
             e, m, r, x = y[f"E_{p}"], y[f"M_{p}"], y[f"R_{p}"], y[f"X_{p}"]
             ag = self.antigen_per_ul(target, y)
@@ -339,7 +339,6 @@ class Blood:
             d[f"X_{p}"] = -x * f / c.exhaustion_days if e + m > 0 else 0.0
             d[f"R_{p}"] = self.growth[p] * r * (1.0 - r)
             t = e + m
-            engaged += f * t
             if target == "CD19":
                 kill_cd19 += k * t
             elif target == "BCMA":
@@ -361,9 +360,14 @@ class Blood:
         phi = c.long_lived_antibody_fraction
         d["ab"] = self.k_g * ((1 - phi) * y["pb"] / pb0 + phi * y["pc"] / pc0) - self.k_g * y["ab"]
         steroid = c.steroid_il6_reduction if self.steroid_day is not None else 0.0
+        # antigen+ cells killed by CAR-T per uL per day (the kill terms above, without rituximab's):
+        # target killing activates the macrophages that make CRS IL-6 (Morris 2021; Liu 2020)
+        bn, ba, pb, pc = y["b_naive"], y["b_auto"], y["pb"], y["pc"]
+        niche = c.autoreactive_niche_access
+        killed = kill_cd19 * bn + niche * kill_cd19 * ba + (kill_cd19 + kill_bcma) * pb + kill_bcma * pc
         d["il6"] = (
             self.k_6 * (c.il6_baseline_pg_per_ml - y["il6"])
-            + c.il6_pg_per_ml_per_day_per_engaged_car_t * (1 - steroid) * engaged
+            + c.il6_pg_per_ml_per_killed_cell_per_ul * (1 - steroid) * killed
         )
         d["rtx"] = -self.k_rtx * rtx
         return d
@@ -399,7 +403,7 @@ class Blood:
             c.long_lived_antibody_fraction,
             c.steroid_il6_reduction if self.steroid_day is not None else 0.0,
             c.il6_baseline_pg_per_ml,
-            c.il6_pg_per_ml_per_day_per_engaged_car_t,
+            c.il6_pg_per_ml_per_killed_cell_per_ul,
         )
 
     def _rhs_list(self, const: tuple):
@@ -423,7 +427,6 @@ class Blood:
             bn, ba, pb, pc, ab, il6, rtx = y[0], y[1], y[2], y[3], y[4], y[5], y[6]
             kill_cd19 = 0.0
             kill_bcma = 0.0
-            engaged = 0.0
             for i, code, growth in prods:
                 e, m, r, x = y[i], y[i + 1], y[i + 2], y[i + 3]
                 if code == 0:
@@ -442,7 +445,6 @@ class Blood:
                 d[i + 3] = -x * f / exh if e + m > 0 else 0.0
                 d[i + 2] = growth * r * (1.0 - r)
                 t = e + m
-                engaged += f * t
                 if code == 0:
                     kill_cd19 += k * t
                 elif code == 1:
@@ -458,7 +460,8 @@ class Blood:
             d[2] = (pb0 * drive * ba / a0 - pb) / tpb - (kill_cd19 + kill_bcma) * pb
             d[3] = pc0_tpc * pb / pb0 - pc / tpc - kill_bcma * pc
             d[4] = k_g * (one_phi * pb / pb0 + phi * pc / pc0) - k_g * ab
-            d[5] = k_6 * (il6_0 - il6) + s_6 * one_steroid * engaged
+            killed = kill_cd19 * bn + niche * kill_cd19 * ba + (kill_cd19 + kill_bcma) * pb + kill_bcma * pc
+            d[5] = k_6 * (il6_0 - il6) + s_6 * one_steroid * killed
             d[6] = -k_rtx_decay * rtx
             return d
 

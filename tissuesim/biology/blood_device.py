@@ -167,7 +167,7 @@ class DeviceBlood:
             "phi": c.long_lived_antibody_fraction,
             "steroid": c.steroid_il6_reduction,
             "il6_0": c.il6_baseline_pg_per_ml,
-            "s_6": c.il6_pg_per_ml_per_day_per_engaged_car_t,
+            "s_6": c.il6_pg_per_ml_per_killed_cell_per_ul,
             "rho": blood.rho,
             "d_e": blood.d_e,
             "d_m": blood.d_m,
