@@ -164,6 +164,18 @@ def test_anti_car_response_rises_faster_for_immunogenic_and_allogeneic_products(
     assert high == pytest.approx(1 / (1 + (1 / r0 - 1) * math.exp(-g * 120.0)), rel=1e-4)
 
 
+def _traffic(sim, cell_type: int, steps: int, dt_min: float) -> int:
+    """Arrivals (Immunology.before_move) and exits only, ``steps`` times; returns how many cells
+    of ``cell_type`` arrived."""
+    imm, arrived = sim.immunology, 0
+    for step in range(steps):
+        before = sim.cells.n
+        imm.before_move(step, dt_min)
+        arrived += int(np.sum(sim.cells.type[before : sim.cells.n] == cell_type))
+        imm.exits(step, dt_min)
+    return arrived
+
+
 def test_patch_scaling_conserves_cells_crossing_vessel_walls(monkeypatch):
     sim = tissuesim.Simulation(tissuesim.load_config(["grid=tiny", "backend=numpy", "therapy=none"]))
     imm = sim.immunology
@@ -176,12 +188,7 @@ def test_patch_scaling_conserves_cells_crossing_vessel_walls(monkeypatch):
         return imm.blood.b_cell_per_ul() * v_ul + n_patch * imm.patch_equivalents, n_patch
 
     total0, _ = body_b_cells()
-    arrived = 0
-    for step in range(3000):
-        before = sim.cells.n
-        imm.before_move(step, 10.0)
-        arrived += int(np.sum(sim.cells.type[before : sim.cells.n] == b_type))
-        imm.exits(step, 10.0)
+    arrived = _traffic(sim, b_type, steps=3000, dt_min=10.0)
     total1, _ = body_b_cells()
     assert total1 == pytest.approx(total0, rel=1e-9)
     # arrivals: Poisson with mean rate x concentration x vessel voxels x dt x inflammation
@@ -213,12 +220,7 @@ def test_patch_scaling_conserves_car_t_crossing_vessel_walls(monkeypatch):
         return imm.blood.car_t_per_ul("cd19_car_t") * v_ul + n_patch * imm.patch_equivalents
 
     total0 = body_car_t()
-    arrived = 0
-    for step in range(3000):
-        before = sim.cells.n
-        imm.before_move(step, 10.0)
-        arrived += int(np.sum(sim.cells.type[before : sim.cells.n] == ct))
-        imm.exits(step, 10.0)
+    arrived = _traffic(sim, ct, steps=3000, dt_min=10.0)
     assert arrived >= 5, arrived  # the check below saw arrivals
     assert body_car_t() == pytest.approx(total0, rel=1e-9)
     assert imm.blood.y["M_cd19_car_t"] < 3.72  # memory paid its share
