@@ -18,7 +18,8 @@ Schemes (chosen per field, FieldSpec.solver)
 explicit
     Forward Euler, 5/7-point stencil, in the fewest equal substeps with
     h <= dx^2 / (W Dmax), W = 2 per axis swept, plus one for each axis with a Dirichlet face
-    (an axis one voxel long: 2 per Dirichlet face, else nothing), so that no value turns negative (:func:`explicit_stable_dt`, solvers.stencil_weight); O(h) + O(dx^2). A configured
+    (an axis one voxel long: 2 per Dirichlet face, else nothing), so that no value turns
+    negative (:func:`explicit_stable_dt`, solvers.stencil_weight); O(h) + O(dx^2). A configured
     max_substeps that would be exceeded is an error naming the field, dt and the limit.
 lod
     Locally one-dimensional backward Euler (x, then y, then z sweep), one Thomas solve per grid

@@ -282,15 +282,11 @@ class FieldSet:
                     out[face] = xp.asarray(np.array(hit, dtype=np.int32))
             return out
 
-        explicit = [
-            (n, xp.asarray(np.array(fs, dtype=np.int32)), dirichlet_faces(fs))
-            for n, fs in sorted(groups.items())
-        ]
+        explicit, host = [], []
+        for n, fs in sorted(groups.items()):
+            explicit.append((n, xp.asarray(np.array(fs, dtype=np.int32)), dirichlet_faces(fs)))
+            host.append(slice(fs[0], fs[-1] + 1) if fs == list(range(fs[0], fs[-1] + 1)) else list(fs))
         lod_entry = (xp.asarray(np.array(lod, dtype=np.int32)), dirichlet_faces(lod)) if lod else None
-        host = [
-            slice(fs[0], fs[-1] + 1) if fs == list(range(fs[0], fs[-1] + 1)) else list(fs)
-            for _n, fs in sorted(groups.items())
-        ]
         p = _Plan(explicit, lod_entry, solver, nsub, host)
         self._plans[dt] = p
         return p

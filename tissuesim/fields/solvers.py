@@ -8,8 +8,9 @@ grid, D in um^2/min, face coefficients by the harmonic mean of the two voxels.
   Dirichlet faces (stencil_weight) free of negative values and overshoots too. The step is cut
   into the fewest equal substeps that satisfy it. At the bound itself the checkerboard mode is
   not damped (amplification -1): a point source that injects every step then leaves a ringing
-  pattern around it, so prefer lod, or a dt a little below a multiple of the limit, there. (Standard FTCS; e.g. LeVeque, Finite Difference Methods for
-  Ordinary and Partial Differential Equations, SIAM 2007, ch. 9.)
+  pattern around it, so prefer lod, or a dt a little below a multiple of the limit, there.
+  (Standard FTCS; e.g. LeVeque, Finite Difference Methods for Ordinary and Partial Differential
+  Equations, SIAM 2007, ch. 9.)
 - lod: locally one-dimensional backward Euler, (1 - h A_z)(1 - h A_y)(1 - h A_x) u_new = u_old,
   one tridiagonal (Thomas) solve per grid line and axis, cyclic (Sherman-Morrison) on periodic
   axes; unconditionally stable, first order in time (splitting error O(h) like backward Euler's),
@@ -35,11 +36,10 @@ def stencil_weight(kinds, shape) -> int:
     voxel away), bounded per axis. kinds : int (6,) boundary kinds of faces x-, x+, y-, y+, z-, z+;
     shape : (nz, ny, nx). An axis of length >= 2 adds max(2, 1 + w_lo, 1 + w_hi) (w: 2 Dirichlet,
     1 periodic, 0 zero flux), one of length 1 adds 2 per Dirichlet face (none: it is not swept).
-    Without Dirichlet faces and axes one voxel long W = 2 ndim, the classical bound; with
-    Dirichlet faces the coefficient of a
-    voxel's own value, 1 - h/dx^2 sum(face coefficients), stays >= 0, so a step never makes a
-    value negative or overshoot (the bare 2 ndim bound let a Dirichlet voxel's coefficient reach
-    1 - (2 ndim + 1) / (2 ndim) < 0).
+    Without Dirichlet faces and axes one voxel long W = 2 ndim, the classical bound. With
+    Dirichlet faces the coefficient of a voxel's own value, 1 - h/dx^2 sum(face coefficients),
+    stays >= 0, so a step never makes a value negative or overshoot (the bare 2 ndim bound let a
+    Dirichlet voxel's coefficient reach 1 - (2 ndim + 1) / (2 ndim) < 0).
     """
     weight = {ops.BC_DIRICHLET: 2, ops.BC_PERIODIC: 1}
     w = 0
