@@ -506,7 +506,8 @@ extern "C" __global__ void init_velocity_fill(const i64* __restrict__ id, const 
 // ------------------------------------------------------------------ biology
 // Deaths, divisions and state changes of every live cell in one pass (tissuesim.biology.rules.
 // cell_fates; float32 fields only). u : (4, n) uniforms; tables by type t and kt = 2 t + activated:
-// death (1/min) with rituximab's hazard rtx on CD20+ types, p_div over 2 kt + stimulated,
+// death (1/min), plus on CD20+ types with has_rtx rituximab's hazard rtx_kill r / (r + rtx_ec50) at
+// the cell's field value r = max(rtx_at, 0) (ug/mL), p_div over 2 kt + stimulated,
 // (a type >= ntypes has no tables: it neither dies nor divides nor changes here; NumPy raises)
 // r_state and kind over kt (kind 1: rate b_act x damage, 2: the macrophage's IFN-gamma and damage
 // rate), new_type / new_state over kt. The arithmetic is the twin's: probabilities 1 - e^{-r dt}
@@ -516,7 +517,8 @@ extern "C" __global__ void cell_fates(int n, const float* __restrict__ u, unsign
                                       unsigned char* __restrict__ state, const float* __restrict__ last_kill,
                                       const float* __restrict__ ifng_at, const float* __restrict__ damage_at,
                                       const double* __restrict__ death, const unsigned char* __restrict__ cd20,
-                                      double rtx, const double* __restrict__ p_div,
+                                      const float* __restrict__ rtx_at, int has_rtx, double rtx_kill,
+                                      double rtx_ec50, const double* __restrict__ p_div,
                                       const double* __restrict__ r_state, const unsigned char* __restrict__ kind,
                                       const unsigned char* __restrict__ new_type,
                                       const unsigned char* __restrict__ new_state, float now, float stim_window,
@@ -533,7 +535,12 @@ extern "C" __global__ void cell_fates(int n, const float* __restrict__ u, unsign
         return;
     }
     const int kt = 2 * t + (state[i] == 1 ? 1 : 0);
-    const double a = death[t] + (cd20[t] ? rtx : 0.0);
+    double h = 0.0;
+    if (has_rtx && cd20[t]) {
+        const double r = fmax((double)rtx_at[i], 0.0);
+        h = rtx_kill * r / (r + rtx_ec50);
+    }
+    const double a = death[t] + h;
     const bool d = (double)u[i] < -expm1(-a * dt);
     const bool stim = (now - last_kill[i]) < stim_window;
     const bool div = !d && (double)u[m + i] < p_div[2 * kt + (stim ? 1 : 0)];

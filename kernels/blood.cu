@@ -17,16 +17,16 @@
 //                      steroid_day (NaN: none), depleted, ab_nadir, relapse, treated
 //   left i64 [ntypes]  cells of each type that left the patch into blood this step
 //   prm [NPRM + nthr]  constants (indices P_* below), then the CRS grade thresholds, ascending
-//   iprm int [6 + P + ntypes]  P, ntypes, nthr, field of autoantibody (-1), field of IL-6 (-1),
-//                      n_fields, target code per product (0 CD19, 1 BCMA, 2 CD20, 3 other),
-//                      blood pool per cell type (-2 B cells, -1 none, k >= 0 the index of E_p;
-//                      M_p at k + 1)
+//   iprm int [4 + P + ntypes + n_fields]  P, ntypes, nthr, n_fields, target code per product (0
+//                      CD19, 1 BCMA, 2 CD20, 3 other), blood pool per cell type (-2 B cells, -1
+//                      none, k >= 0 the index of E_p; M_p at k + 1), then per field the index in y
+//                      of its blood concentration (-1: none; blood.FIELD_IN_BLOOD)
 //   out [2 nv + 8]     y after the exits (the state at the end of this step), y advanced by
 //                      dt (the next step's), then day, toci_day, steroid_day, depleted,
 //                      ab_nadir, relapse, CRS grade of the advanced step, events (1 tocilizumab,
 //                      2 steroids given)
 //   cb  [n_fields]     blood concentrations for the vessel exchange, from the state after the
-//                      exits (autoantibody rel, IL-6 pg/mL, 0 otherwise), rounded through float32
+//                      exits (autoantibody rel, IL-6 pg/mL, rituximab ug/mL, 0 otherwise), rounded through float32
 //                      when cb_f32 (the fields' dtype, as the host path casts them)
 
 typedef long long i64;
@@ -131,9 +131,10 @@ extern "C" __global__ void blood_step(const double* __restrict__ up, const i64* 
                                       int apply_exits, int cb_f32, double* __restrict__ out,
                                       double* __restrict__ cb) {
     if (blockIdx.x * blockDim.x + threadIdx.x != 0) return;
-    const int np = iprm[0], ntypes = iprm[1], nthr = iprm[2], f_ab = iprm[3], f_il6 = iprm[4], nf = iprm[5];
-    const int* code = iprm + 6;
-    const int* pool = iprm + 6 + np;
+    const int np = iprm[0], ntypes = iprm[1], nthr = iprm[2], nf = iprm[3];
+    const int* code = iprm + 4;
+    const int* pool = iprm + 4 + np;
+    const int* from_blood = pool + ntypes;
     const int nv = 7 + 4 * np;
     const double* growth = up + nv;
     const double* meta = up + nv + np;
@@ -173,9 +174,7 @@ extern "C" __global__ void blood_step(const double* __restrict__ up, const i64* 
     }
     for (int i = 0; i < nv; ++i) out[i] = y[i];
     for (int i = 0; i < nf; ++i) {
-        double c = 0.0;
-        if (i == f_ab) c = y[4];
-        else if (i == f_il6) c = y[5];
+        const double c = from_blood[i] >= 0 ? y[from_blood[i]] : 0.0;
         cb[i] = cb_f32 ? (double)(float)c : c;
     }
 

@@ -423,24 +423,28 @@ def test_blood_step_on_the_device_equals_the_host_blood(cupy_be, paths):
     np.testing.assert_array_equal(cupy_be.asnumpy(a.c_blood), cupy_be.asnumpy(b.c_blood))
 
 
-def _tiny_from_numpy_state(*overrides: str):
-    """(a, b): a NumPy and a CuPy simulation of the tiny preset with CD19 CAR-T, both at a's state
-    of day 0.5, b with 40 fresh killer-target pairs."""
-    a = _sim("numpy", "cd19", "grid=tiny", *overrides)
+def _tiny_from_numpy_state(*overrides: str, therapy: str = "cd19"):
+    """(a, b): a NumPy and a CuPy simulation of the tiny preset with ``therapy`` (CD19 CAR-T),
+    both at a's state of day 0.5, b with 40 fresh killer-target pairs."""
+    a = _sim("numpy", therapy, "grid=tiny", *overrides)
     a.run(until_day=0.5)
     arrays, meta = checkpoint.capture(a)
-    b = _sim("cupy", "cd19", "grid=tiny", *overrides)
+    b = _sim("cupy", therapy, "grid=tiny", *overrides)
     checkpoint.restore(b, arrays, meta)
     _engage(b, 40)
     return a, b
 
 
-def test_every_kernel_of_the_step_emulated_follows_numpy(emulated_cupy):
+@pytest.mark.parametrize("therapy", ["cd19", "rituximab"])
+def test_every_kernel_of_the_step_emulated_follows_numpy(emulated_cupy, therapy):
     """The step's CuPy path with every kernel emulated, the field kernels too (the tests above keep
-    the fields on their NumPy twins for speed): 20 steps of the tiny preset with CD19 CAR-T, from
-    one NumPy state. Every kernel the step uses is launched, no flag is raised, and the fields,
-    cells and blood follow the NumPy run (float32 rounding: the kernels' libm and summation order)."""
-    a, b = _tiny_from_numpy_state()
+    the fields on their NumPy twins for speed): 20 steps of the tiny preset with CD19 CAR-T (or
+    rituximab, whose field the blood kernel feeds and the fate kernel reads), from one NumPy
+    state. Every kernel the step uses is launched, no flag is raised, and the fields, cells and
+    blood follow the NumPy run (float32 rounding: the kernels' libm and summation order)."""
+    a, b = _tiny_from_numpy_state(therapy=therapy)
+    if therapy == "rituximab":  # in the tissue by day 0.5, from the vessels
+        assert a.fields["rituximab"].max() > 1.0
     assert b.backend is emulated_cupy and b.fields.be is emulated_cupy
     _engage(a, 40)
     for _ in range(20):
@@ -454,7 +458,9 @@ def test_every_kernel_of_the_step_emulated_follows_numpy(emulated_cupy):
     ca, cb = _cells(a), _cells(b)
     assert ca["id"].size == cb["id"].size
     np.testing.assert_array_equal(ca["type"], cb["type"])
-    np.testing.assert_allclose(ca["position"], cb["position"], rtol=1e-5, atol=1e-3)
+    # a few crowded pairs amplify last-bit differences step by step (measured: 3e-5 um after one
+    # step, 1e-3 to 1e-2 um after 20); 0.05 um is 0.5% of a voxel, far below a wrong move
+    np.testing.assert_allclose(ca["position"], cb["position"], rtol=1e-5, atol=5e-2)
     np.testing.assert_allclose(a.fields.values, b.backend.asnumpy(b.fields.values), rtol=1e-4, atol=1e-9)
     for key in a.blood.y:
         assert a.blood.y[key] == pytest.approx(b.blood.y[key], rel=1e-9, abs=1e-300), key

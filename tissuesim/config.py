@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from tissuesim.biology.therapy import CRS_MANAGEMENT, PRODUCTS, SECOND_DOSE_TRIGGERS, TherapyConfig
 from tissuesim.fields.solvers import substeps_needed
+from tissuesim.tissue.base import FIELD_NAMES
 from tissuesim.tissue.schema import TISSUE_SCHEMAS, TissueConfig
 
 BACKEND_NAMES = ("auto", "numpy", "cupy")
@@ -59,6 +60,11 @@ class FieldConfig:
     vessel_permeability_um_per_min : P of the Robin exchange with blood at vessel voxels, um/min.
     solver : auto | explicit | lod.
     max_substeps : most explicit substeps per step before the explicit solver refuses.
+    diffuses_as : the field whose compartment multipliers of D this one takes (the tissues give
+        them for the six fields of MODEL.md section 2; a new molecule names the one it moves like,
+        e.g. an antibody moves like the IgG autoantibody). null: its own name.
+    with_product : the field exists only in runs whose therapy infuses this product (an antibody
+        drug's field costs nothing in the runs that do not give it). null: always.
     """
 
     units: str = "nM"
@@ -68,6 +74,8 @@ class FieldConfig:
     vessel_permeability_um_per_min: float = 0.0
     solver: str = "auto"
     max_substeps: int = 64
+    diffuses_as: str | None = None
+    with_product: str | None = None
 
 
 @dataclass
@@ -208,7 +216,7 @@ class BiologyConfig:
     inflamed_volume_ml: float = 10.0
     monocyte_per_ul: float = 400.0
     anti_car_t_max_per_ul: float = 20.0
-    rituximab_tissue_penetration: float = 0.1
+    rituximab_tissue_kill_per_day: float = 0.2
     blood: BloodConfig = field(default_factory=BloodConfig)
 
 
@@ -261,6 +269,13 @@ def group_options(group: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # semantic validation
+
+
+def active_fields(cfg) -> list[str]:
+    """The names of the fields a run of ``cfg`` has, in config order: every entry of
+    ``cfg.fields`` except those whose ``with_product`` no infusion of the therapy gives."""
+    given = {inf.product for inf in cfg.therapy.infusions}
+    return [n for n, f in cfg.fields.items() if f.with_product is None or f.with_product in given]
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -382,6 +397,16 @@ def validate(cfg: DictConfig | Config) -> None:
 
     ndim = 2 if g.nz == 1 else 3
     for name, f in cfg.fields.items():
+        like = name if f.diffuses_as is None else f.diffuses_as
+        if like not in FIELD_NAMES:
+            _fail(
+                f"fields.{name}.diffuses_as",
+                f.diffuses_as,
+                f"allowed: {', '.join(FIELD_NAMES)} (the fields the tissues give D multipliers for: "
+                "a field of another name names the one it moves like)",
+            )
+        if f.with_product is not None and f.with_product not in PRODUCTS:
+            _fail(f"fields.{name}.with_product", f.with_product, f"allowed: null, {', '.join(PRODUCTS)}")
         if f.solver not in SOLVERS:
             _fail(f"fields.{name}.solver", f.solver, f"allowed: {', '.join(SOLVERS)}")
         if f.max_substeps < 1:
@@ -399,12 +424,13 @@ def validate(cfg: DictConfig | Config) -> None:
                     f"allowed: dt_min <= {limit:.4g} min, or fields.{name}.solver=lod|auto",
                 )
 
+    present = active_fields(cfg)
     for name, c in cfg.cells.items():
-        if c.chemotaxis_field is not None and c.chemotaxis_field not in cfg.fields:
+        if c.chemotaxis_field is not None and c.chemotaxis_field not in present:
             _fail(
                 f"cells.{name}.chemotaxis_field",
                 c.chemotaxis_field,
-                f"allowed: null, {', '.join(cfg.fields)}",
+                f"allowed: null, {', '.join(present)} (the fields of this run)",
             )
         if not c.persistence_min > 0:
             _fail(f"cells.{name}.persistence_min", c.persistence_min, "must be > 0 minutes")
@@ -478,6 +504,8 @@ def validate(cfg: DictConfig | Config) -> None:
             _fail(f"biology.blood.{k}", bl[k], "must be > 0 (the baseline each state is scaled by)")
     if not bl.b_cell_per_ul > bl.autoreactive_b_cell_per_ul:
         _fail("biology.blood.b_cell_per_ul", bl.b_cell_per_ul, "must exceed autoreactive_b_cell_per_ul")
+    if not bl.rituximab_ec50_ug_per_ml > 0:
+        _fail("biology.blood.rituximab_ec50_ug_per_ml", bl.rituximab_ec50_ug_per_ml, "must be > 0 ug/mL")
     th = list(bio.blood.crs_il6_thresholds_pg_per_ml)
     if len(th) != 4 or th != sorted(th):
         _fail("biology.blood.crs_il6_thresholds_pg_per_ml", th, "four ascending pg/mL values (grades 1..4)")

@@ -107,10 +107,13 @@ class Simulation:
         self.tissue = build_tissue(self.cfg.tissue, self.grid, self.seed)
 
     def _build_fields(self) -> None:
+        from tissuesim.config import active_fields
         from tissuesim.fields import FieldSet, FieldSpec
 
+        # fields tied to a product the therapy does not give (rituximab) are left out of the run
+        present = {n: self.cfg.fields[n] for n in active_fields(self.cfg)}
         specs = []
-        for name, f in self.cfg.fields.items():
+        for name, f in present.items():
             specs.append(
                 FieldSpec(
                     name=name,
@@ -126,14 +129,15 @@ class Simulation:
         vessel = self.tissue.vessel_mask().astype(np.float32)
         # A vessel voxel exchanges through about one voxel face of wall: rate = P * dx^2 / dx^3.
         vessel_rate = {
-            name: vessel * (f.vessel_permeability_um_per_min / self.grid.dx)
-            for name, f in self.cfg.fields.items()
+            name: vessel * (f.vessel_permeability_um_per_min / self.grid.dx) for name, f in present.items()
         }
         self.fields = FieldSet(
             self.backend,
             self.grid,
             specs,
-            D_multiplier={s.name: self.tissue.diffusion_multiplier(s.name) for s in specs},
+            D_multiplier={
+                n: self.tissue.diffusion_multiplier(f.diffuses_as or n) for n, f in present.items()
+            },
             vessel_rate=vessel_rate,
             dtype=self.cfg.backend.dtype,
             dt=self.dt_min,

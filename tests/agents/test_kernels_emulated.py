@@ -461,12 +461,14 @@ def _fates_population(be, typ, state, last_kill=None, pos=None, spare=3):
     return pop
 
 
+@pytest.mark.parametrize("with_rtx", [False, True], ids=["no-rituximab", "rituximab"])
 @pytest.mark.parametrize("dt_min", [1.0, 900.0])
-def test_cell_fates_kernel_matches_twin(dev, dt_min):
+def test_cell_fates_kernel_matches_twin(dev, dt_min, with_rtx):
     """rules.cell_fates through its device path (one cell_fates launch) takes the decisions of
     the element-wise NumPy form for every cell: dead, divide, the new type and state. The rates
-    are the configured ones; dt = 900 min makes every kind of event common; rituximab on; some
-    cells just killed (stimulated CAR-T), zeros among the field values."""
+    are the configured ones; dt = 900 min makes every kind of event common; with or without a
+    rituximab field (values around its EC50, zeros and small negatives among them); some cells
+    just killed (stimulated CAR-T), zeros among the field values."""
     import tissuesim
     from tissuesim.biology import rules
 
@@ -482,6 +484,7 @@ def test_cell_fates_kernel_matches_twin(dev, dt_min):
     ifng = np.where(rs.random(n) < 0.2, 0, 3 * rs.random(n)).astype(np.float32)
     dmg = np.where(rs.random(n) < 0.2, 0, rs.random(n)).astype(np.float32)
     u = rs.random((4, n)).astype(np.float32)
+    rtx = np.where(rs.random(n) < 0.1, 0, 40 * rs.random(n) - 1).astype(np.float32) if with_rtx else None
     out = []
     for be in (NUMPY, dev.be):
         xp = be.xp
@@ -491,7 +494,8 @@ def test_cell_fates_kernel_matches_twin(dev, dt_min):
         )
         dead, div = rules.cell_fates(
             pop, xp.asarray(u), dt_min, 1000.0, imm.table.death_per_min, imm.idx, imm.rates,
-            xp.asarray(ifng), xp.asarray(dmg), 0.002, imm.cd20, imm.car_mask, tables=tables,
+            xp.asarray(ifng), xp.asarray(dmg), None if rtx is None else xp.asarray(rtx), imm.cd20,
+            imm.car_mask, tables=tables,
         )  # fmt: skip
         out.append({k: np.asarray(v).copy() for k, v in
                     (("dead", dead), ("divide", div), ("type", pop.type[:n]), ("state", pop.state[:n]))})  # fmt: skip
@@ -512,7 +516,8 @@ def test_cell_fates_kernel_decides_boundary_cases_as_the_twin(dev, dt_min):
     decides is float32(p) of the twin's own p (death, division or state change; the others
     1 - 2^-24, deciding nothing), and kills exactly one kill window ago, one float32 either side
     of it, or never. Every type and activation state; the rates that depend on the fields are
-    probed at 41 field values each, so a rate formed in another precision shows."""
+    probed at 41 field values each, so a rate formed in another precision shows; each probe has
+    its own rituximab field value (CD20+ cells die at the hazard it gives)."""
     import tissuesim
     from tissuesim.biology import rules
 
@@ -527,20 +532,21 @@ def test_cell_fates_kernel_decides_boundary_cases_as_the_twin(dev, dt_min):
     kills = np.array(
         [edge, np.nextafter(edge, np.float32(0)), np.nextafter(edge, np.float32(1e9)), -1e30], np.float32
     )
-    rtx = 0.003
     rs = np.random.default_rng(int(dt_min))
     field_values = [(np.float32(0.37), np.float32(0.61))]
     field_values += [(np.float32(x), np.float32(y)) for x, y in 3 * rs.random((40, 2))]
     tables = rules.fate_tables(
         nt, dt_min, imm.table.death_per_min, imm.idx, rates, imm.cd20, imm.car_mask, np
     )
-    typ, state, lk, u, fi, fd = [], [], [], [], [], []
+    typ, state, lk, u, fi, fd, fr = [], [], [], [], [], [], []
     one = np.float32(1 - 2.0**-24)
     for t in range(nt):
         for act in (0, 1):
             kt = 2 * t + act
-            p_death = tables.p_death(rtx)[t]
             for ifng, dmg in field_values if tables.kind[kt] else field_values[:1]:
+                rtx = np.float32(7 * ifng)  # ug/mL, about the EC50
+                h = rates["rtx_kill"] * np.float64(rtx) / (np.float64(rtx) + rates["rtx_ec50"])
+                p_death = rules.prob(tables.death[t] + (h if imm.cd20[t] else 0.0), dt_min)
                 r = tables.r_state[kt]  # the twin's per-cell rate: float32 values x Python floats
                 if tables.kind[kt] == 1:
                     r = np.float64(rates["b_act"] * dmg)
@@ -556,11 +562,11 @@ def test_cell_fates_kernel_decides_boundary_cases_as_the_twin(dev, dt_min):
                         uu = [one, one, one, one]
                         uu[which] = np.float32(p)
                         typ.append(t), state.append(act), lk.append(k), u.append(uu)
-                        fi.append(ifng), fd.append(dmg)
+                        fi.append(ifng), fd.append(dmg), fr.append(rtx)
     n = len(typ)
     typ, state, lk = np.array(typ, np.uint8), np.array(state, np.uint8), np.array(lk, np.float32)
     u = np.array(u, np.float32).T.copy()
-    fi, fd = np.array(fi, np.float32), np.array(fd, np.float32)
+    fi, fd, fr = np.array(fi, np.float32), np.array(fd, np.float32), np.array(fr, np.float32)
     out = []
     for be in (NUMPY, dev.be):
         xp = be.xp
@@ -570,7 +576,7 @@ def test_cell_fates_kernel_decides_boundary_cases_as_the_twin(dev, dt_min):
         )
         dead, div = rules.cell_fates(
             pop, xp.asarray(u), dt_min, float(now), imm.table.death_per_min, imm.idx, rates,
-            xp.asarray(fi), xp.asarray(fd), rtx, imm.cd20, imm.car_mask, tables=tb,
+            xp.asarray(fi), xp.asarray(fd), xp.asarray(fr), imm.cd20, imm.car_mask, tables=tb,
         )  # fmt: skip
         out.append([np.asarray(a).copy() for a in (dead, div, pop.type[:n], pop.state[:n])])
     for name, a, b in zip(("dead", "divide", "type", "state"), *out):
@@ -598,7 +604,7 @@ def test_cell_fates_kernel_leaves_types_without_tables_alone(dev):
         )
         dead, div = rules.cell_fates(
             pop, be.xp.asarray(u), 900.0, 10.0, imm.table.death_per_min, imm.idx, imm.rates,
-            np.ones(3, np.float32), np.ones(3, np.float32), 0.0, imm.cd20, imm.car_mask, tables=tb,
+            np.ones(3, np.float32), np.ones(3, np.float32), None, imm.cd20, imm.car_mask, tables=tb,
         )  # fmt: skip
         return pop, dead, div
 

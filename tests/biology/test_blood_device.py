@@ -119,7 +119,7 @@ def _blood_parts():
 
 #: cell types and fields of the stand-alone DeviceBlood checks (all pools, and types without)
 TYPES = ["b_cell", "plasmablast", "cd19_car_t", "macrophage", "bcma_car_t", "anti_car_t"]
-FIELDS = ["ifng", "autoantibody", "il6"]
+FIELDS = ["ifng", "autoantibody", "il6", "rituximab"]
 
 
 def _course(dt_min: float, days: float, seed: int = 0, collect=None):
@@ -258,7 +258,8 @@ def test_kernel_edge_cases(blood_kernel, f32):
     bio, therapy, products = _blood_parts()
     b = Blood(bio.blood, products, therapy)
     types_ = ["b_cell", "cd19_car_t", "bcma_car_t", "plasma_cell"]
-    db = DeviceBlood(b, types_, 0.01, ["il6", "autoantibody"], np.float32 if f32 else np.float64, NUMPY)
+    fields = ["il6", "rituximab", "autoantibody"]
+    db = DeviceBlood(b, types_, 0.01, fields, np.float32 if f32 else np.float64, NUMPY)
     rs = np.random.default_rng(3)
     nv, np_ = db.nv, db.np_
     cases = []
@@ -405,7 +406,7 @@ def test_cupy_path_of_the_device_blood_equals_the_host_course(emulated_cupy):
     for up, left in samples:
         out = be.asnumpy(gpu.launch(60.0, be.asarray(left), state=up))
         ho, hc = _host(ref, up, left, 60.0, True)
-        assert _same(out, ho) and _same(be.asnumpy(gpu.cb)[:3], hc)
+        assert _same(out, ho) and _same(be.asnumpy(gpu.cb)[: len(FIELDS)], hc)
     # the packed state of a Blood goes up as well (launch without state=)
     gpu.blood = ref.blood = dev
     out = be.asnumpy(gpu.launch(60.0))

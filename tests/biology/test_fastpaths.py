@@ -55,13 +55,15 @@ def test_blood_advance_is_bitwise_the_dict_rk4_in_random_states():
             assert np.float64(b.y[name]).tobytes() == np.float64(ref[name]).tobytes(), (trial, name)
 
 
-def _reference_fates(pop, u, dt_min, now_min, death, idx, rates, ifng_at, damage_at, rtx, cd20, car_mask):
+def _reference_fates(pop, u, dt_min, now_min, death, idx, rates, ifng_at, damage_at, rtx_at, cd20, car_mask):
     """cell_fates as first written: per-cell where chains, then prob of each rate array."""
     xp = np
     n = pop.n
     t = pop.type[:n].astype(np.int64)
     st = pop.state[:n].copy()
-    dead = u[0] < rules.prob(death[t] + cd20[t] * rtx, dt_min)
+    r = np.zeros(n) if rtx_at is None else np.maximum(rtx_at.astype(np.float64), 0.0)
+    rtx_hazard = rates["rtx_kill"] * r / (r + rates["rtx_ec50"])
+    dead = u[0] < rules.prob(death[t] + cd20[t] * rtx_hazard, dt_min)
     is_b = t == idx["b_cell"]
     is_car = car_mask[t]
     act = st == rules.ACTIVATED
@@ -98,9 +100,11 @@ def test_cell_fates_tables_match_the_per_cell_formulation_bitwise():
     rules.register_cell_attributes(pop)
     pop.add(np.zeros((n, 3)), rng.integers(0, nt, n).astype(np.uint8), state=rng.integers(0, 2, n))
     pop["last_kill"][:n] = np.where(rng.random(n) < 0.5, -1e30, rng.uniform(0, 100, n)).astype(np.float32)
-    for rtx in (0.0, 3e-4):
+    for with_rtx in (False, True):
         # rates large enough that every branch fires often
         rates = {k: (v * 500 if isinstance(v, float) else v) for k, v in imm.rates.items()}
+        # rituximab field values around its EC50, some zero and some slightly negative
+        rtx = rng.uniform(-1, 30, n).astype(np.float32) if with_rtx else None
         u = rng.random((4, n), dtype=np.float32)
         ifng = rng.uniform(0, 2, n).astype(np.float32)
         dmg = rng.uniform(0, 1, n).astype(np.float32)

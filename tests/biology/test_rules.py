@@ -78,7 +78,7 @@ def test_car_t_does_not_kill_antigen_negative_cells():
     assert engaged.size == 0 and not dead.any()
 
 
-def _fates(pop, dt, now, step, ifng=0.0, damage=0.0, rtx=0.0):
+def _fates(pop, dt, now, step, ifng=0.0, damage=0.0, rtx=None):
     n = pop.n
     u = [rules.rng.uniform(w) for w in rules.rng.draw(pop.id[:n], step, rules.PURPOSE_FATE, 0, 3)]
     rates = {**rules.fate_rates(BIO), "stim_window": np.float32(1e9)}
@@ -95,7 +95,7 @@ def _fates(pop, dt, now, step, ifng=0.0, damage=0.0, rtx=0.0):
         rates,
         np.full(n, ifng),
         np.full(n, damage),
-        rtx,
+        None if rtx is None else np.full(n, rtx, np.float32),
         TABLE.carrying("CD20"),
         car,
     )

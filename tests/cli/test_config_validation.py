@@ -52,7 +52,17 @@ BAD = [
         ["biology.blood.autoreactive_niche_access=2"],
         ["biology.blood.autoreactive_niche_access=2", "0..1"],
     ),
-    (["biology.rituximab_tissue_penetration=1.1"], ["biology.rituximab_tissue_penetration=1.1", "0..1"]),
+    (["biology.blood.rituximab_niche_access=1.1"], ["biology.blood.rituximab_niche_access=1.1", "0..1"]),
+    (["biology.blood.rituximab_ec50_ug_per_ml=0"], ["biology.blood.rituximab_ec50_ug_per_ml=0", "> 0"]),
+    (
+        ["fields.rituximab.with_product=cd20_car_t"],
+        ["fields.rituximab.with_product='cd20_car_t'", "cd19_car_t"],
+    ),
+    (
+        ["fields.rituximab.diffuses_as=cxcl99"],
+        ["fields.rituximab.diffuses_as='cxcl99'", "autoantibody", "moves like"],
+    ),
+    (["cells.b_cell.chemotaxis_field=rituximab"], ["chemotaxis_field='rituximab'", "fields of this run"]),
 ]
 
 

@@ -81,6 +81,9 @@ import math
 import numpy as np
 
 LN2 = math.log(2.0)
+#: fields whose blood side (the vessel exchange's c_blood) is a blood state: field -> state name
+#: (autoantibody rel to baseline, IL-6 pg/mL, rituximab ug/mL); other fields see 0 in blood
+FIELD_IN_BLOOD = {"autoantibody": "ab", "il6": "il6", "rituximab": "rtx"}
 MIN_PER_DAY = 1440.0
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tissuesim.biology.blood import Blood
+from tissuesim.biology.blood import FIELD_IN_BLOOD, Blood
 
 FILENAME = "blood.cu"
 OPTIONS = ("--fmad=false",)
@@ -198,12 +198,15 @@ class DeviceBlood:
                 pool.append(k)
             else:
                 pool.append(POOL_NONE)
-        fi = {n: i for i, n in enumerate(self.field_names)}
+        # the blood state each field's c_blood is (-1: none)
+        from_blood = [
+            blood.names.index(FIELD_IN_BLOOD[n]) if n in FIELD_IN_BLOOD else -1 for n in self.field_names
+        ]
         self.iprm = np.array(
-            [self.np_, self.ntypes, len(blood._thresholds), fi.get("autoantibody", -1), fi.get("il6", -1)]
-            + [len(self.field_names)]
+            [self.np_, self.ntypes, len(blood._thresholds), len(self.field_names)]
             + [TARGET_CODES.get(t, 3) for t in blood.products.values()]
-            + pool,
+            + pool
+            + from_blood,
             dtype=np.int32,
         )
         n_up = self.nv + self.np_ + META
@@ -376,7 +379,7 @@ def run_host(db: DeviceBlood, up, left, dt_min: float, apply_exits: bool, out, c
     out[:nv] = [b.y[n] for n in b.names]
     cb[...] = 0.0
     for i, n in enumerate(db.field_names):
-        v = b.y["ab"] if n == "autoantibody" else b.y["il6"] if n == "il6" else 0.0
+        v = b.y[FIELD_IN_BLOOD[n]] if n in FIELD_IN_BLOOD else 0.0
         cb[i] = np.float32(v) if db.cb_f32 else v
     events = b.advance(dt_min)
     out[nv : 2 * nv] = [b.y[n] for n in b.names]

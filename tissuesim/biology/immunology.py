@@ -20,7 +20,7 @@ from tissuesim.agents import extravasate_many, init_velocity, intravasate, rng, 
 from tissuesim.agents.neighbours import contacts
 from tissuesim.backend import scatter_add
 from tissuesim.biology import rules
-from tissuesim.biology.blood import Blood
+from tissuesim.biology.blood import FIELD_IN_BLOOD, Blood
 from tissuesim.biology.cells import build_cell_table, ifng_nM_per_min_per_cell, pg_per_ml_per_min_per_cell
 
 MIN_PER_DAY = 1440.0
@@ -274,14 +274,8 @@ class Immunology:
         damage_at = (
             rules.sample_field(f["damage"], vox) if "damage" in self.fi else xp.zeros(n, f.values.dtype)
         )
-        rtx = self.blood.y["rtx"]
-        b = self.bio.blood
-        rtx_h = (
-            b.rituximab_kill_per_day / MIN_PER_DAY * rtx / (rtx + b.rituximab_ec50_ug_per_ml)
-            if rtx > 0
-            else 0.0
-        )
-        rtx_h *= self.bio.rituximab_tissue_penetration
+        # rituximab acts on each cell at the field value where it is (runs that give it)
+        rtx_at = rules.sample_field(f["rituximab"], vox) if "rituximab" in self.fi else None
         u = rng.draw_uniform(pop.id[:n], step, rules.PURPOSE_FATE, 0, sim.seed, xp=xp)  # (4, n)
         if self._fate_tables is None or self._fate_tables.dt_min != float(dt_min):
             self._fate_tables = rules.fate_tables(
@@ -304,7 +298,7 @@ class Immunology:
             self.rates,
             ifng_at,
             damage_at,
-            rtx_h,
+            rtx_at,
             self.cd20,
             self.car_mask,
             tables=self._fate_tables,
@@ -718,8 +712,6 @@ class Immunology:
         """Blood concentrations for the fields' vessel exchange (n_fields,), host array."""
         c = np.zeros(len(names), dtype=dtype)
         for i, n in enumerate(names):
-            if n == "autoantibody":
-                c[i] = self.blood.y["ab"]
-            elif n == "il6":
-                c[i] = self.blood.y["il6"]
+            if n in FIELD_IN_BLOOD:
+                c[i] = self.blood.y[FIELD_IN_BLOOD[n]]
         return c

@@ -16,7 +16,7 @@ so each takes the product it arrived against).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -61,6 +61,9 @@ def fate_rates(bio) -> dict:
         "mac_kd": bio.macrophage_ifng_kd_nM,
         "mac_damage": bio.macrophage_damage_activation_per_day / d,
         "mac_off": bio.macrophage_deactivation_per_day / d,
+        # rituximab's killing of CD20+ cells at a field value r (ug/mL): rtx_kill r / (r + ec50)
+        "rtx_kill": bio.rituximab_tissue_kill_per_day / d,
+        "rtx_ec50": bio.blood.rituximab_ec50_ug_per_ml,
     }
 
 
@@ -270,8 +273,8 @@ class FateTables:
     """Per-type tables of cell_fates, built once (fate_tables) and gathered per cell.
 
     Keys: kt = 2 type + activated (type, state); kd = 2 kt + stimulated (division).
-    death, cd20 : float64 / bool (ntypes,) (the hazard table is made per rituximab level);
-    p_div : float64 (4 ntypes,) division probability over dt; r_state : float64 (2 ntypes,)
+    death, cd20 : float64 / bool (ntypes,) (rituximab's hazard is added per cell, where it acts);
+    p_death : float64 (ntypes,) death probability over dt without rituximab; p_div : float64 (4 ntypes,) division probability over dt; r_state : float64 (2 ntypes,)
     constant state-change rates (1/min); kind : int8 (2 ntypes,) 1 where the rate is the resting
     B cell's (b_act x damage), 2 the resting macrophage's (IFN-gamma and damage), 0 constant;
     new_type, new_state : uint8 (2 ntypes,) type and state after a state change. All arrays of
@@ -287,20 +290,11 @@ class FateTables:
     kind: object
     new_type: object
     new_state: object
-    _p_death: dict = field(default_factory=dict)
+    p_death: object = None
 
-    def p_death(self, rtx_hazard_per_min: float):
-        """Death probability over dt (ntypes,) at this rituximab hazard, the same floats as
-        prob(death[t] + cd20[t] x rtx, dt) cell by cell. Cached on the host (a few levels)."""
-        p = self._p_death.get(rtx_hazard_per_min)
-        if p is None:
-            xp = self.xp
-            p = prob(self.death + self.cd20 * rtx_hazard_per_min, self.dt_min, xp)
-            if xp is np:  # on the GPU rituximab changes it every step: no cache of device arrays
-                if len(self._p_death) >= 8:
-                    self._p_death.clear()
-                self._p_death[rtx_hazard_per_min] = p
-        return p
+    def __post_init__(self):
+        if self.p_death is None:
+            self.p_death = prob(self.death, self.dt_min, self.xp)
 
 
 def fate_tables(ntypes: int, dt_min: float, death_per_min, idx: dict, rates: dict, cd20, car_mask, xp=np):
@@ -351,7 +345,7 @@ def cell_fates(
     rates: dict,
     ifng_at,
     damage_at,
-    rtx_hazard_per_min: float,
+    rtx_at,
     cd20,
     car_mask,
     tables: FateTables | None = None,
@@ -361,12 +355,15 @@ def cell_fates(
     u : four float32 (n,) uniforms (Philox words of PURPOSE_FATE): u[0] death, u[1] division,
     u[2] state change. idx : type indices {'b_cell', 'plasmablast', 'plasma_cell',
     'macrophage'}; rates : per-minute rates (see Immunology). ifng_at, damage_at : (n,) field
-    values at each cell (nM, rel). rtx_hazard_per_min : rituximab killing of CD20+ cells in
-    tissue (1/min); cd20 : bool (ntypes,) CD20+ types; car_mask : bool (ntypes,) CAR types.
+    values at each cell (nM, rel). rtx_at : (n,) rituximab field at each cell (ug/mL), or None
+    where the run has no rituximab field; cd20 : bool (ntypes,) CD20+ types; car_mask : bool
+    (ntypes,) CAR types.
     tables : fate_tables() of these inputs (made here when None; callers that step keep one).
     Returns (dead bool (n,), divide bool (n,)); type and state change in place.
 
-    Rules: death with hazard death_per_min + rtx (CD20+); division of B cells (faster when
+    Rules: death with hazard death_per_min, plus rates['rtx_kill'] r / (r + rates['rtx_ec50'])
+    for CD20+ cells at rituximab level r = max(rtx_at, 0) (the antibody acts where it is);
+    division of B cells (faster when
     activated) and of CAR-T stimulated by a kill within rates['stim_window']; one state change
     per cell (resting B -> activated at b_act x damage; activated B -> plasmablast;
     plasmablast -> plasma cell; resting macrophage -> activated at IFN-gamma and damage rates,
@@ -378,16 +375,21 @@ def cell_fates(
     if tables is None or tables.dt_min != float(dt_min):
         ntypes = len(np.asarray(death_per_min))
         tables = fate_tables(ntypes, dt_min, death_per_min, idx, rates, cd20, car_mask, xp)
-    if pop.be.is_gpu and ifng_at.dtype == np.float32 and damage_at.dtype == np.float32:
-        return _cell_fates_kernel(
-            pop, u, dt_min, now_min, rates, ifng_at, damage_at, rtx_hazard_per_min, tables
-        )
+    f32 = ifng_at.dtype == np.float32 and damage_at.dtype == np.float32
+    if pop.be.is_gpu and f32 and (rtx_at is None or rtx_at.dtype == np.float32):
+        return _cell_fates_kernel(pop, u, dt_min, now_min, rates, ifng_at, damage_at, rtx_at, tables)
     t = pop.type[:n].astype(np.int64)
     st = pop.state[:n]
     act = st == ACTIVATED
     kt = t * 2
     kt += act
-    dead = u[0] < tables.p_death(rtx_hazard_per_min)[t]
+    if rtx_at is None:
+        p_death = tables.p_death[t]
+    else:  # the kernel's double arithmetic: death + k r / (r + ec50) on CD20+ cells
+        r = xp.maximum(xp.asarray(rtx_at, dtype=np.float64), 0.0)
+        h = rates["rtx_kill"] * r / (r + rates["rtx_ec50"])
+        p_death = prob(tables.death[t] + xp.where(tables.cd20[t], h, 0.0), dt_min, xp)
+    dead = u[0] < p_death
 
     stimulated = (np.float32(now_min) - pop["last_kill"][:n]) < rates["stim_window"]
     kd = kt * 2
@@ -416,7 +418,7 @@ def cell_fates(
     return dead, divide
 
 
-def _cell_fates_kernel(pop, u, dt_min, now_min, rates, ifng_at, damage_at, rtx, tables):
+def _cell_fates_kernel(pop, u, dt_min, now_min, rates, ifng_at, damage_at, rtx_at, tables):
     """cell_fates on CuPy in one launch of the kernel cell_fates (agents.cu; float32 fields), the
     same decisions as the element-wise form (which NumPy runs): some 30 small launches fewer."""
     from tissuesim.agents import _kernels as K
@@ -440,7 +442,10 @@ def _cell_fates_kernel(pop, u, dt_min, now_min, rates, ifng_at, damage_at, rtx, 
             xp.ascontiguousarray(damage_at),
             tables.death,
             tables.cd20.view(np.uint8),
-            np.float64(rtx),
+            xp.ascontiguousarray(ifng_at if rtx_at is None else rtx_at),  # not read without it
+            np.int32(rtx_at is not None),
+            np.float64(rates["rtx_kill"]),
+            np.float64(rates["rtx_ec50"]),
             tables.p_div,
             tables.r_state,
             tables.kind.view(np.uint8),
