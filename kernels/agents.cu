@@ -638,24 +638,30 @@ extern "C" __global__ void fate_exits(int n, const i64* __restrict__ vox, const 
     if (lv) atomicAdd(left + t, 1ull);
 }
 
-// Secretion sources (Immunology._sources on CuPy, float32 fields; twin: its element-wise form).
-// Step 1, one thread per cell: count each live cell into its source category over voxels,
-// counts[cat * nvox + vox] (int32, 3 nvox + 1; zero on entry), cat = cat_table[(2 t + engaged) * 2 +
-// activated] with engaged = busy_until > now; category 3 (none) and dead cells are not counted, nor a
-// type >= ntypes. Integer atomics only: the counts do not depend on thread order.
+// Secretion sources and uptake rates (Immunology._sources on CuPy, float32 fields; twin: its
+// element-wise form). Step 1, one thread per cell: count each live cell into its source category
+// over voxels, counts[cat * nvox + vox] (int32, (3 + n_up) nvox + 1; zero on entry), cat =
+// cat_table[(2 t + engaged) * 2 + activated] with engaged = busy_until > now; category 3 (none) is
+// not counted. A cell whose type has bit k of consumes[t] set also counts as a consumer of uptake
+// field k at counts[3 nvox + 1 + k nvox + vox]. Dead cells and types >= ntypes count nowhere.
+// Integer atomics only: the counts do not depend on thread order.
 extern "C" __global__ void source_counts(int n, const i64* __restrict__ vox, const unsigned char* __restrict__ type,
                                          const unsigned char* __restrict__ state, const float* __restrict__ busy,
                                          float now, const unsigned char* __restrict__ dead,
                                          const i64* __restrict__ cat_table, int ntypes, i64 nvox,
+                                         const unsigned char* __restrict__ consumes, int n_up,
                                          int* __restrict__ counts) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const int t = type[i];
     if (dead[i] || t >= ntypes) return;
+    const i64 v = vox[i];
     const int k = (2 * t + (busy[i] > now ? 1 : 0)) * 2 + (state[i] == 1 ? 1 : 0);
     const i64 c = cat_table[k];
-    if (c < 0 || c >= 3) return;
-    atomicAdd(counts + c * nvox + vox[i], 1);
+    if (c >= 0 && c < 3) atomicAdd(counts + c * nvox + v, 1);
+    const unsigned int bits = consumes[t];
+    for (int u = 0; u < n_up; ++u)
+        if (bits & (1u << u)) atomicAdd(counts + 3 * nvox + 1 + (i64)u * nvox + v, 1);
 }
 
 // Step 2, one thread per voxel: every field's source (units/min) from the counts and the fields
@@ -663,15 +669,25 @@ extern "C" __global__ void source_counts(int n, const i64* __restrict__ vox, con
 // rule names gets 0. The operations and their order are the twin's, one float32 rounding each:
 // ifng, il6, autoantibody = float(count) x rate; damage = float(n_mac) x r_dmg x (1 - damage)
 // (+ damage0 x repair_ab when with_repair); cxcl13 = damage x r_c13; cxcl10 = 0 + ifng r_c10 /
-// (ifng + kd_c10) + damage x r_c10_dmg (the terms of the fields present).
+// (ifng + kd_c10) + damage x r_c10_dmg (the terms of the fields present). Uptake field k (field
+// up_field[k]) gets lam = float(consumers) x up_rate[k], then / (up_kd[k] + max(u, 0)) (1/min; the
+// other rows of lam are never written).
 extern "C" __global__ void source_fields(i64 nvox, int nf, const int* __restrict__ counts,
                                          const float* __restrict__ f, const float* __restrict__ damage0,
                                          int with_repair, int i_ifng, int i_il6, int i_ab, int i_dmg, int i_c13,
                                          int i_c10, float r_ifng, float r_il6, float r_ab, float r_dmg,
                                          float repair_ab, float r_c13, float r_c10, float kd_c10, float r_c10_dmg,
-                                         float* __restrict__ src) {
+                                         float* __restrict__ src, int n_up, const int* __restrict__ up_field,
+                                         const float* __restrict__ up_rate, const float* __restrict__ up_kd,
+                                         float* __restrict__ lam) {
     i64 v = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (v >= nvox) return;
+    for (int k = 0; k < n_up; ++k) {
+        const i64 o = (i64)up_field[k] * nvox + v;
+        float l = (float)counts[3 * nvox + 1 + (i64)k * nvox + v] * up_rate[k];
+        l = l / (fmaxf(f[o], 0.0f) + up_kd[k]);
+        lam[o] = l;
+    }
     for (int k = 0; k < nf; ++k) src[k * nvox + v] = 0.0f;
     if (i_ifng >= 0) src[i_ifng * nvox + v] = (float)counts[v] * r_ifng;
     if (i_il6 >= 0) src[i_il6 * nvox + v] = (float)counts[nvox + v] * r_il6;

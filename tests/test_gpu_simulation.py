@@ -158,10 +158,11 @@ def test_each_step_part_takes_the_same_decisions_on_both_backends(cupy_be, thera
 )
 def test_the_step_sources_on_the_device_equal_the_twin_bitwise(cupy_be, drop, repair):
     """Immunology._step_sources on CuPy (the kernels source_counts and source_fields) against its
-    twin on NumPy (_sources): every field's source bit for bit, from cells of every type, state,
-    engagement (busy_until one float32 either side of now, or at it) and fate (dead cells secrete
-    nothing), piled up to 40 in a voxel, on random fields with zeros; with and without the
-    antibody damage repair, and with fields missing (the rules that need them are skipped)."""
+    twin on NumPy (_sources): every field's source and uptake rate bit for bit, from cells of
+    every type, state, engagement (busy_until one float32 either side of now, or at it) and fate
+    (dead cells secrete and take up nothing), piled up to 40 in a voxel, on random fields with
+    zeros; with and without the antibody damage repair, and with fields missing (the rules that
+    need them are skipped)."""
     a = _sim("numpy", "cd19", "grid=tiny", f"biology.antibody_damage={repair}")
     b = _sim("cupy", "cd19", "grid=tiny", f"biology.antibody_damage={repair}")
     rs = np.random.default_rng(len(drop) + 10 * repair)
@@ -176,7 +177,10 @@ def test_the_step_sources_on_the_device_equal_the_twin_bitwise(cupy_be, drop, re
     vals = (3 * rs.random(a.fields.values.shape)).astype(np.float32)
     vals[a.fields.index("damage")] /= 3  # relative damage, 0-1
     vals[rs.random(vals.shape) < 0.2] = 0
-    out = []
+    for name in ("cxcl13", "cxcl10"):  # chemokines a hair below zero: their uptake reads them as 0
+        row = vals[a.fields.index(name)]
+        row[rs.random(row.shape) < 0.1] = -1e-3
+    out, up = [], []
     for sim in (a, b):
         xp = sim.xp
         imm = sim.immunology
@@ -186,9 +190,15 @@ def test_the_step_sources_on_the_device_equal_the_twin_bitwise(cupy_be, drop, re
         pop["busy_until"][:n] = xp.asarray(busy)
         sim.fields.values[...] = xp.asarray(vals)
         imm.source[...] = -1.0  # every source must be written
+        imm.uptake[...] = -1.0  # every uptake row of an uptake field must be written, no other
         imm._step_sources(xp.asarray(vox), xp.asarray(dead), float(now), xp.asarray(typ.astype(np.int64)))
         out.append(sim.backend.asnumpy(imm.source).copy())
+        up.append(sim.backend.asnumpy(imm.uptake).copy())
     ga, gb = out
+    assert up[0].tobytes() == up[1].tobytes()
+    rows = a.immunology.up_field
+    assert len(rows) == 3 and (up[0][rows] >= 0).all() and (up[0][rows] > 0).any()
+    assert (np.delete(up[0], rows, axis=0) == -1).all()
     assert ga.tobytes() == gb.tobytes(), [
         a.fields.names[k] for k in range(len(ga)) if not np.array_equal(ga[k], gb[k])
     ]
@@ -475,11 +485,13 @@ def test_a_step_on_the_device_waits_for_it_once(emulated_cupy):
     every kernel emulated, the field step included, after 40 steps of warm-up; nor does the step
     upload host data (CuPy stages that through pinned memory without a wait, but a CUDA graph of
     the step could not replay it). (On a GPU, bench/syncs.py counts the real waits.)"""
-    # monocytes arriving every few steps (the defaults bring a few a day to the tiny patch), and
-    # stimulated CAR-T dividing within the window (at the default 0.78 d doubling the 40 steps
-    # hold about one division, or none, as the model's other rates move)
+    # monocytes arriving every few steps (the defaults bring a few a day to the tiny patch),
+    # stimulated CAR-T dividing and CAR-T leaving through vessel walls within the window (at the
+    # default rates the 40 steps hold about one division and one exit, or none, as the model's
+    # other rates move)
     more = "biology.extravasation_per_ul_per_vessel_voxel_per_min.macrophage=5e-6"
-    _, b = _tiny_from_numpy_state(more, "biology.car_t_doubling_days=0.1")
+    faster = ("biology.car_t_doubling_days=0.1", "biology.intravasation_per_min.cd19_car_t=0.05")
+    _, b = _tiny_from_numpy_state(more, *faster)
     # warm-up: the first step after a restore reads the blood once more, and each per-type
     # table goes up to the device the first time it is used (device_constant), once per run
     for _ in range(40):
@@ -521,11 +533,12 @@ def test_a_step_on_the_device_waits_for_it_once(emulated_cupy):
         "what": "device operations per step of the CuPy path, counted on the emulated CuPy "
         "(ufuncs, xp functions, gathers, assignments, reductions, kernels; not conversions that "
         "return their input, such as ascontiguousarray of a C-contiguous array; grid=tiny, cd19, "
-        "40 steps with arrivals, kills, divisions, deaths, exits; CAR-T doubling every 0.1 d and "
-        "more monocyte arrivals, so that most steps change the cells and compact). The count "
-        "grows with the steps that change cells: 62.8 per step with the default doubling (66.6 "
-        "before the open mask became a view). The same count at bb00a7b, before the kill, "
-        "source, exit, bin-range and voxel-index kernels, with the default doubling: 164.6 per step",
+        "40 steps with arrivals, kills, divisions, deaths, exits; CAR-T doubling every 0.1 d, "
+        "CAR-T exits at 0.05/min and more monocyte arrivals, so that most steps change the cells "
+        "and compact). The count grows with the steps that change cells: 62.6 per step at the "
+        "default doubling and exit rates (66.6 before the open mask became a view). The same "
+        "count at bb00a7b, before the kill, source, exit, bin-range and voxel-index kernels, "
+        "with the default doubling: 164.6 per step",
         "per_step": per_step_ops,
         "by_function": {k: v / 40 for k, v in emu.op_sites.most_common()},
         "by_kind": {k: v / 40 for k, v in emu.ops.most_common()},

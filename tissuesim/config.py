@@ -65,6 +65,11 @@ class FieldConfig:
         e.g. an antibody moves like the IgG autoantibody). null: its own name.
     with_product : the field exists only in runs whose therapy infuses this product (an antibody
         drug's field costs nothing in the runs that do not give it). null: always.
+    uptake_by : cell types that take the field up through their receptors (fields in nM only).
+    uptake_molecules_per_cell_per_s : one such cell's uptake at saturation (molecules/s); below
+        saturation it is this x u / (u + uptake_kd_nM), so a cell in a voxel removes the field
+        there at the first-order rate rate_nM_per_min / (uptake_kd_nM + u) (1/min).
+    uptake_kd_nM : the field level (nM) of half-maximal uptake (receptor half-occupancy).
     """
 
     units: str = "nM"
@@ -76,6 +81,9 @@ class FieldConfig:
     max_substeps: int = 64
     diffuses_as: str | None = None
     with_product: str | None = None
+    uptake_by: list[str] = field(default_factory=list)
+    uptake_molecules_per_cell_per_s: float = 0.0
+    uptake_kd_nM: float = 1.0
 
 
 @dataclass
@@ -303,6 +311,7 @@ _NONNEGATIVE_SUFFIXES = (
     "_per_min",
     "_per_day",
     "_per_hour",
+    "_per_s",
     "_um2_per_min",
     "_um_per_min",
     "_per_kg",
@@ -405,6 +414,16 @@ def validate(cfg: DictConfig | Config) -> None:
                 f"allowed: {', '.join(FIELD_NAMES)} (the fields the tissues give D multipliers for: "
                 "a field of another name names the one it moves like)",
             )
+        if f.uptake_by:
+            from tissuesim.simulation import CELL_TYPES
+
+            for t in f.uptake_by:
+                if t not in CELL_TYPES:
+                    _fail(f"fields.{name}.uptake_by", t, f"allowed: cell types {', '.join(CELL_TYPES)}")
+            if f.units != "nM" and f.uptake_molecules_per_cell_per_s > 0:
+                _fail(f"fields.{name}.units", f.units, "uptake (uptake_by) needs a field in nM")
+        if not f.uptake_kd_nM > 0:
+            _fail(f"fields.{name}.uptake_kd_nM", f.uptake_kd_nM, "must be > 0 nM")
         if f.with_product is not None and f.with_product not in PRODUCTS:
             _fail(f"fields.{name}.with_product", f.with_product, f"allowed: null, {', '.join(PRODUCTS)}")
         if f.solver not in SOLVERS:

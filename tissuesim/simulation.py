@@ -221,7 +221,7 @@ class Simulation:
             self.c_blood[...] = imm.c_blood_device()
         else:
             self.c_blood = self.xp.asarray(imm.c_blood(self.fields.names, self.fields.values.dtype))
-        self.fields.step(self.dt_min, source=imm.source, c_blood=self.c_blood)
+        self.fields.step(self.dt_min, source=imm.source, uptake=imm.uptake, c_blood=self.c_blood)
         self.step_count += 1
 
     @property

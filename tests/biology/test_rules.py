@@ -205,6 +205,72 @@ def test_engaged_car_t_and_anti_car_t_secrete_ifng_resting_ones_do_not():
     np.testing.assert_array_equal(got, want)
 
 
+def test_receptor_uptake_rate_of_each_voxel_from_its_live_consumers():
+    """Each live cell of a type in a field's uptake_by removes that field in its voxel at
+    rate / (kd + u) per minute (1/min), rate = its uptake at saturation in nM/min: 0.5 molecule/s
+    in a 1000 um^3 voxel is 0.5 x 60 / N_A / 1e-12 L = 0.0498 nM/min. Two B cells in one voxel
+    count twice; a dead consumer and a non-consumer count nothing."""
+    sim = tissuesim.Simulation(tissuesim.load_config(["grid=tiny", "backend=numpy", "therapy=none"]))
+    imm, f, cfg = sim.immunology, sim.fields, sim.cfg
+    sim.cells.remove(np.ones(sim.cells.n, dtype=bool))
+    ct = sim.cell_types
+    names = ("b_cell", "b_cell", "cd19_car_t", "plasma_cell", "b_cell", "macrophage")
+    sim.cells.add(np.zeros((6, 3)), np.array([ct.index(c) for c in names]))
+    vox = np.array([10, 10, 20, 30, 40, 50], dtype=np.int64)
+    alive = np.array([True, True, True, True, False, True])
+    rng_ = np.random.default_rng(4)
+    f.values[...] = rng_.uniform(0, 2, f.values.shape).astype(f.values.dtype)
+    f["cxcl13"].reshape(-1)[10] = -1e-3  # a field dipping below zero counts as zero
+    imm._sources(vox, np.zeros(6, dtype=bool), alive)
+    per_cell = {
+        n: cfg.fields[n].uptake_molecules_per_cell_per_s * 60 / 6.02214076e23 / 1e-12 * 1e9 for n in f.names
+    }
+    assert per_cell["ifng"] == pytest.approx(0.0498, rel=1e-3)
+    consumers = {  # voxel -> live consumers of each field
+        "cxcl13": {10: 2},
+        "cxcl10": {20: 1},
+        "ifng": {10: 2, 20: 1, 30: 1, 50: 1},
+    }
+    for name in ("cxcl13", "cxcl10", "ifng", "il6", "autoantibody", "damage"):
+        lam = imm.uptake[f.index(name)].reshape(-1)
+        want = np.zeros(lam.shape)
+        u = f[name].reshape(-1).astype(np.float64)
+        for v, c in consumers.get(name, {}).items():
+            want[v] = c * per_cell[name] / (cfg.fields[name].uptake_kd_nM + max(u[v], 0.0))
+        np.testing.assert_allclose(lam, want, rtol=2e-6, atol=0, err_msg=name)
+    assert imm.uptake[f.index("ifng")].reshape(-1)[40] == 0  # the dead B cell
+
+
+def test_uptake_removes_the_field_where_consumers_are():
+    """One step of a run against the same run without uptake, from one IFN-gamma level everywhere:
+    the field drops where consumers sit, by the integral of their uptake over the step (the
+    voxel's share e^{-lambda dt} before diffusion spreads it, so checked over the whole patch)."""
+    out = []
+    for rate in (0.5, 0.0):
+        sim = tissuesim.Simulation(
+            tissuesim.load_config(
+                [
+                    "grid=tiny",
+                    "backend=numpy",
+                    "therapy=none",
+                    f"fields.ifng.uptake_molecules_per_cell_per_s={rate}",
+                ]
+            )
+        )
+        sim.fields["ifng"][...] = 0.5
+        lam = sim.immunology.uptake
+        sim.step()
+        out.append((sim.fields["ifng"].sum(dtype=np.float64), lam))
+    (with_, lam), (without, none) = out
+    assert none is None or not none[sim.fields.index("ifng")].any()
+    removed = without - with_
+    # expected removal: sum over voxels of u0 (1 - e^{-lambda dt}), lambda as the step took it
+    lam_ifng = lam[sim.fields.index("ifng")].astype(np.float64)
+    want = float((0.5 * -np.expm1(-lam_ifng * sim.dt_min)).sum()) * np.exp(-sim.cfg.fields.ifng.decay_per_min)
+    assert want > 0.1  # tens of consumers, each taking ~0.5 x 0.45 of its voxel's 0.5 nM
+    assert removed == pytest.approx(want, rel=0.02)
+
+
 @pytest.mark.parametrize("form", ["contact_kills", "contact_kills_masked"])
 def test_anti_car_t_attack_only_the_product_they_were_raised_against(form):
     """Anti-CAR T cells may kill every CAR product (can_kill), but each is specific to one

@@ -63,6 +63,16 @@ BAD = [
         ["fields.rituximab.diffuses_as='cxcl99'", "autoantibody", "moves like"],
     ),
     (["cells.b_cell.chemotaxis_field=rituximab"], ["chemotaxis_field='rituximab'", "fields of this run"]),
+    (["fields.ifng.uptake_by=[b_cell,nk_cell]"], ["fields.ifng.uptake_by='nk_cell'", "macrophage"]),
+    (
+        ["fields.il6.uptake_by=[macrophage]", "fields.il6.uptake_molecules_per_cell_per_s=1"],
+        ["fields.il6.units='pg/mL'", "nM"],
+    ),
+    (["fields.ifng.uptake_kd_nM=0"], ["fields.ifng.uptake_kd_nM=0", "> 0"]),
+    (
+        ["fields.ifng.uptake_molecules_per_cell_per_s=-1"],
+        ["fields.ifng.uptake_molecules_per_cell_per_s=-1", ">= 0"],
+    ),
 ]
 
 

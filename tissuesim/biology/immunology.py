@@ -123,6 +123,7 @@ class Immunology:
         self.repair_per_min = cfg.fields["damage"].decay_per_min if "damage" in f.names else 0.0
         self.p_exit = -np.expm1(-self.table.intravasation * sim.dt_min)
         self.source = self.xp.zeros_like(f.values)
+        self._build_uptake(cfg, t.cell_types)
         # Per-type tables on the device, made once (no host-to-device copy inside the step).
         nt = len(t.cell_types)
         self.ntypes = nt
@@ -177,6 +178,43 @@ class Immunology:
         r = np.float32(self.bio.contact_radius_um)
         self._r2_reach = np.float32(np.float32(r * r) * np.float32(1.001))
         self.prefilter_max_pairs = 1 << 18
+
+    def _build_uptake(self, cfg, cell_types) -> None:
+        """Receptor uptake of the fields (config fields.<name>.uptake_by, MODEL.md section 2).
+
+        Uptake field k (of n_up, in field order) is the field ``up_field[k]``; its consumers are
+        the types with bit k of ``consumes`` (uint8 (ntypes,)); ``up_rate[k]`` is one consumer's
+        uptake at saturation (nM/min in its voxel), ``up_kd[k]`` its half-saturation level (nM).
+        Each step fills ``self.uptake`` (n_fields, nz, ny, nx), 1/min, None when no field has
+        uptake: lambda = n_consumers x up_rate / (up_kd + max(u, 0)) in the up_field rows, 0
+        elsewhere (the field step integrates -lambda u exactly over the step, lambda taken at
+        the step's start)."""
+        f = self.sim.fields
+        fields, masks, rates, kds = [], [], [], []
+        for name in f.names:
+            c = cfg.fields[name]
+            if not c.uptake_by or c.uptake_molecules_per_cell_per_s == 0:
+                continue
+            fields.append(f.index(name))
+            masks.append(np.isin(np.asarray(cell_types), list(c.uptake_by)))
+            rates.append(ifng_nM_per_min_per_cell(c.uptake_molecules_per_cell_per_s, self.voxel_um3))
+            kds.append(c.uptake_kd_nM)
+        if len(fields) > 8:
+            raise ValueError(f"fields with uptake: {len(fields)}; at most 8 (one bit each per cell type)")
+        self.n_up = len(fields)
+        self.uptake = self.xp.zeros_like(f.values) if fields else None
+        consumes = np.zeros(len(cell_types), np.uint8)
+        for k, m in enumerate(masks):
+            consumes[m] |= np.uint8(1 << k)
+        xp = self.xp
+        self.up_field = fields
+        self.up_masks = [xp.asarray(m) for m in masks]
+        self.up_rate = np.array(rates, np.float32)
+        self.up_kd = np.array(kds, np.float32)
+        self._consumes_d = xp.asarray(consumes)
+        self._up_field_d = xp.asarray(np.array(fields, np.int32))
+        self._up_rate_d = xp.asarray(self.up_rate)
+        self._up_kd_d = xp.asarray(self.up_kd)
 
     # ------------------------------------------------------------------ blood side
     def blood_per_ul(self, cell_type: str) -> float:
@@ -571,6 +609,8 @@ class Immunology:
                 self._source_cat,
                 np.int32(self.ntypes),
                 np.int64(nvox),
+                self._consumes_d,
+                np.int32(self.n_up),
                 self._counts,
             ),
         )
@@ -603,6 +643,11 @@ class Immunology:
                 f32(bio.cxcl10_ifng_kd_nM),
                 f32(bio.cxcl10_nM_per_min_per_damage),
                 self.source,
+                np.int32(self.n_up),
+                self._up_field_d,
+                self._up_rate_d,
+                self._up_kd_d,
+                self.source if self.uptake is None else self.uptake,  # not written without uptake
             ),
         )
 
@@ -651,8 +696,19 @@ class Immunology:
             cat = xp.concatenate(
                 [xp.where(m, vox + c * nvox, 3 * nvox) for c, m in enumerate((ifng, mac, ab))]
             )
+        if self.n_up:  # the consumers of each uptake field, counted in the same scatter
+            base = 3 * nvox + 1
+            cat = xp.concatenate(
+                [cat]
+                + [
+                    xp.where(alive & m[t], vox + (base + k * nvox), 3 * nvox)
+                    for k, m in enumerate(self.up_masks)
+                ]
+            )
         scatter_add(xp, counts, cat, self._ones(cat.shape[0]))
         n_ifng, n_mac, n_ab = counts[:nvox], counts[nvox : 2 * nvox], counts[2 * nvox : 3 * nvox]
+        if self.n_up:
+            self._uptake_rates(counts[3 * nvox + 1 :])
 
         def out(name):
             return src[fi[name]].reshape(-1)
@@ -694,10 +750,28 @@ class Immunology:
                 xp.multiply(f["damage"].reshape(-1), f32(bio.cxcl10_nM_per_min_per_damage), out=w)
                 c10 += w
 
+    def _uptake_rates(self, consumers) -> None:
+        """self.uptake's rows of the uptake fields from their consumer counts (int32 (n_up nvox,))
+        and the fields now: float32(count) x rate, then / (kd + max(u, 0)), one rounding each in
+        the fields' dtype, as the kernel source_fields does."""
+        xp = self.xp
+        f = self.sim.fields
+        nvox = self.nvox
+        w = self._work
+        dt = f.values.dtype
+        for k, fi in enumerate(self.up_field):
+            lam = self.uptake[fi].reshape(-1)
+            xp.multiply(consumers[k * nvox : (k + 1) * nvox], dt.type(self.up_rate[k]), out=lam, dtype=dt)
+            xp.maximum(f.values[fi].reshape(-1), 0, out=w)
+            w += dt.type(self.up_kd[k])
+            lam /= w
+
     def _zeroed_counts(self):
-        """The kept per-voxel source counts, int32 (3 nvox + 1,), set to zero (made on first use)."""
+        """The kept per-voxel counts, int32 ((3 + n_up) nvox + 1,), set to zero (made on first use):
+        the three source categories (3 nvox), a spare bin (cells of none), then the consumers of
+        each uptake field (n_up nvox, from 3 nvox + 1)."""
         if self._counts is None:
-            self._counts = self.xp.zeros(3 * self.nvox + 1, dtype=np.int32)
+            self._counts = self.xp.zeros((3 + self.n_up) * self.nvox + 1, dtype=np.int32)
         else:
             self._counts[...] = 0
         return self._counts

@@ -561,8 +561,8 @@ def react_numpy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
 
     Computed in float64 whatever u's dtype, term by term as the kernel does (b = src + r cb,
     u e^{-z} + (b h) phi1), one block of REACT_BLOCK voxels at a time through two kept float64
-    work blocks. Without uptake (lam None) and budget (U None), as in runs, nothing of grid size
-    is allocated: the exponentials of the fixed rate are cached across steps (see
+    work blocks. Without uptake (lam None, or a field's lam all zero) and budget (U None), nothing
+    of grid size is allocated: the exponentials of the fixed rate are cached across steps (see
     _react_coefficients_cached); uptake makes them per step, the budget allocates its terms.
     """
     for name, a in (("u", u), ("U", U)):
@@ -578,7 +578,8 @@ def react_numpy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
     for s in np.asarray(slots).tolist():
         r = None if vrf is None else vrf[0 if vr.ndim == 3 else s]
         cbs = float(cb[s]) if (cb is not None and r is not None) else None
-        if lam is None:
+        # a field without uptake keeps its cached exponentials (the same floats: k + 0 + r = k + r)
+        if lam is None or not lam[s].any():
             e, p1, p2 = _react_coefficients_cached(s, float(k[s]), vr, r, h, U is not None)
         else:
             a = float(k[s]) + lam[s].reshape(nvox).astype(np.float64)
