@@ -153,18 +153,28 @@ def test_each_step_part_takes_the_same_decisions_on_both_backends(cupy_be, thera
 
 
 @pytest.mark.parametrize(
-    "drop,repair",
-    [((), True), ((), False), (("ifng",), True), (("damage",), False), (("cxcl10", "il6"), True)],
+    "drop,repair,uptake",
+    [
+        ((), True, True),
+        ((), False, True),
+        (("ifng",), True, True),
+        (("damage",), False, True),
+        (("cxcl10", "il6"), True, True),
+        ((), True, False),  # no field with uptake (n_up = 0)
+    ],
 )
-def test_the_step_sources_on_the_device_equal_the_twin_bitwise(cupy_be, drop, repair):
+def test_the_step_sources_on_the_device_equal_the_twin_bitwise(cupy_be, drop, repair, uptake):
     """Immunology._step_sources on CuPy (the kernels source_counts and source_fields) against its
     twin on NumPy (_sources): every field's source and uptake rate bit for bit, from cells of
     every type, state, engagement (busy_until one float32 either side of now, or at it) and fate
     (dead cells secrete and take up nothing), piled up to 40 in a voxel, on random fields with
     zeros; with and without the antibody damage repair, and with fields missing (the rules that
-    need them are skipped)."""
-    a = _sim("numpy", "cd19", "grid=tiny", f"biology.antibody_damage={repair}")
-    b = _sim("cupy", "cd19", "grid=tiny", f"biology.antibody_damage={repair}")
+    need them are skipped), and with no field taking any up."""
+    more = [f"biology.antibody_damage={repair}"]
+    if not uptake:
+        more += [f"fields.{n}.uptake_molecules_per_cell_per_s=0" for n in ("cxcl13", "cxcl10", "ifng")]
+    a = _sim("numpy", "cd19", "grid=tiny", *more)
+    b = _sim("cupy", "cd19", "grid=tiny", *more)
     rs = np.random.default_rng(len(drop) + 10 * repair)
     nvox = int(np.prod(a.grid.shape))
     n = 3000
@@ -190,15 +200,19 @@ def test_the_step_sources_on_the_device_equal_the_twin_bitwise(cupy_be, drop, re
         pop["busy_until"][:n] = xp.asarray(busy)
         sim.fields.values[...] = xp.asarray(vals)
         imm.source[...] = -1.0  # every source must be written
-        imm.uptake[...] = -1.0  # every uptake row of an uptake field must be written, no other
+        if uptake:
+            imm.uptake[...] = -1.0  # every uptake row of an uptake field must be written, no other
         imm._step_sources(xp.asarray(vox), xp.asarray(dead), float(now), xp.asarray(typ.astype(np.int64)))
         out.append(sim.backend.asnumpy(imm.source).copy())
-        up.append(sim.backend.asnumpy(imm.uptake).copy())
+        up.append(None if imm.uptake is None else sim.backend.asnumpy(imm.uptake).copy())
     ga, gb = out
-    assert up[0].tobytes() == up[1].tobytes()
-    rows = a.immunology.up_field
-    assert len(rows) == 3 and (up[0][rows] >= 0).all() and (up[0][rows] > 0).any()
-    assert (np.delete(up[0], rows, axis=0) == -1).all()
+    if uptake:
+        assert up[0].tobytes() == up[1].tobytes()
+        rows = a.immunology.up_field
+        assert len(rows) == 3 and (up[0][rows] >= 0).all() and (up[0][rows] > 0).any()
+        assert (np.delete(up[0], rows, axis=0) == -1).all()
+    else:
+        assert up == [None, None]
     assert ga.tobytes() == gb.tobytes(), [
         a.fields.names[k] for k in range(len(ga)) if not np.array_equal(ga[k], gb[k])
     ]

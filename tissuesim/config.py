@@ -291,6 +291,8 @@ def _fail(key: str, value: Any, allowed: str) -> None:
 
 
 def _show(v: Any) -> str:
+    if v is None:
+        return "null"  # as the YAML and the override say it
     if v == "???":
         return v
     if isinstance(v, str):
@@ -405,14 +407,15 @@ def validate(cfg: DictConfig | Config) -> None:
         _fail("output.compression_level", o.compression_level, "allowed: 0..9")
 
     ndim = 2 if g.nz == 1 else 3
+    present = active_fields(cfg)
     for name, f in cfg.fields.items():
         like = name if f.diffuses_as is None else f.diffuses_as
         if like not in FIELD_NAMES:
             _fail(
                 f"fields.{name}.diffuses_as",
                 f.diffuses_as,
-                f"allowed: {', '.join(FIELD_NAMES)} (the fields the tissues give D multipliers for: "
-                "a field of another name names the one it moves like)",
+                f"allowed: {', '.join(FIELD_NAMES)} (the tissues give D multipliers for these; a field "
+                f"named {name!r} must name the one it moves like)",
             )
         if f.uptake_by:
             from tissuesim.simulation import CELL_TYPES
@@ -420,17 +423,36 @@ def validate(cfg: DictConfig | Config) -> None:
             for t in f.uptake_by:
                 if t not in CELL_TYPES:
                     _fail(f"fields.{name}.uptake_by", t, f"allowed: cell types {', '.join(CELL_TYPES)}")
-            if f.units != "nM" and f.uptake_molecules_per_cell_per_s > 0:
+            if f.units != "nM":
                 _fail(f"fields.{name}.units", f.units, "uptake (uptake_by) needs a field in nM")
         if not f.uptake_kd_nM > 0:
             _fail(f"fields.{name}.uptake_kd_nM", f.uptake_kd_nM, "must be > 0 nM")
         if f.with_product is not None and f.with_product not in PRODUCTS:
             _fail(f"fields.{name}.with_product", f.with_product, f"allowed: null, {', '.join(PRODUCTS)}")
+    uptaking = [
+        n for n in present if cfg.fields[n].uptake_by and cfg.fields[n].uptake_molecules_per_cell_per_s > 0
+    ]
+    if len(uptaking) > 8:
+        _fail(
+            "fields", f"{len(uptaking)} fields with uptake", "allowed: at most 8 (one bit each per cell type)"
+        )
+    given = {inf.product for inf in cfg.therapy.infusions}
+    for product in sorted(given - {f.with_product for f in cfg.fields.values()}):
+        if product == "rituximab":  # an antibody acts in the tissue through its field
+            _fail(
+                "therapy.infusions",
+                product,
+                "the tissue level of rituximab is a field: allowed when a field has with_product: "
+                "rituximab (conf/config.yaml fields.rituximab)",
+            )
+
+    for name, f in cfg.fields.items():
         if f.solver not in SOLVERS:
             _fail(f"fields.{name}.solver", f.solver, f"allowed: {', '.join(SOLVERS)}")
         if f.max_substeps < 1:
             _fail(f"fields.{name}.max_substeps", f.max_substeps, "must be >= 1")
-        if f.solver == "explicit" and f.diffusion_um2_per_min > 0:
+        # the explicit step's limit matters only for the fields this run has
+        if f.solver == "explicit" and f.diffusion_um2_per_min > 0 and name in present:
             # Reactions are integrated exactly, so only diffusion limits the explicit step; the
             # tissue's compartment multipliers are checked again when the FieldSet is built.
             n = substeps_needed(cfg.dt_min, f.diffusion_um2_per_min, g.dx_um, ndim)
@@ -443,7 +465,6 @@ def validate(cfg: DictConfig | Config) -> None:
                     f"allowed: dt_min <= {limit:.4g} min, or fields.{name}.solver=lod|auto",
                 )
 
-    present = active_fields(cfg)
     for name, c in cfg.cells.items():
         if c.chemotaxis_field is not None and c.chemotaxis_field not in present:
             _fail(

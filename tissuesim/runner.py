@@ -23,6 +23,7 @@ from pathlib import Path
 
 import h5py
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from tissuesim.io.hdf5 import SnapshotWriter
 from tissuesim.simulation import Simulation
@@ -146,7 +147,13 @@ def resumed_config(cfg: DictConfig, overrides: list[str] | None = None) -> tuple
     base.therapy = OmegaConf.structured(TherapyConfig)
     base.grid = OmegaConf.structured(GridConfig)
     base.backend = OmegaConf.structured(BackendConfig)
-    new = OmegaConf.merge(base, saved)
+    try:
+        new = OmegaConf.merge(base, saved)
+    except OmegaConfBaseException as e:  # a key this version no longer has (or a changed type)
+        raise ConfigError(
+            f"resume={cfg.resume}: its saved configuration does not fit this version of tissuesim "
+            f"({str(e).splitlines()[0]}); allowed: a run made by a version with the same model"
+        ) from None
     for key in changed:
         OmegaConf.update(new, key, OmegaConf.select(cfg, key), merge=False)
     new.resume = str(cfg.resume)

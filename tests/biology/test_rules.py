@@ -266,7 +266,9 @@ def test_uptake_removes_the_field_where_consumers_are():
     removed = without - with_
     # expected removal: sum over voxels of u0 (1 - e^{-lambda dt}), lambda as the step took it
     lam_ifng = lam[sim.fields.index("ifng")].astype(np.float64)
-    want = float((0.5 * -np.expm1(-lam_ifng * sim.dt_min)).sum()) * np.exp(-sim.cfg.fields.ifng.decay_per_min)
+    want = float((0.5 * -np.expm1(-lam_ifng * sim.dt_min)).sum()) * np.exp(
+        -sim.cfg.fields.ifng.decay_per_min * sim.dt_min
+    )
     assert want > 0.1  # tens of consumers, each taking ~0.5 x 0.45 of its voxel's 0.5 nM
     assert removed == pytest.approx(want, rel=0.02)
 

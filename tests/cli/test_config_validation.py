@@ -69,6 +69,9 @@ BAD = [
         ["fields.il6.units='pg/mL'", "nM"],
     ),
     (["fields.ifng.uptake_kd_nM=0"], ["fields.ifng.uptake_kd_nM=0", "> 0"]),
+    (["fields.rituximab.uptake_by=[b_cell]"], ["fields.rituximab.units='ug/mL'", "nM"]),
+    (["therapy=rituximab", "~fields.rituximab"], ["therapy.infusions='rituximab'", "with_product"]),
+    (["fields.rituximab.diffuses_as=null"], ["fields.rituximab.diffuses_as=null", "'rituximab' must name"]),
     (
         ["fields.ifng.uptake_molecules_per_cell_per_s=-1"],
         ["fields.ifng.uptake_molecules_per_cell_per_s=-1", ">= 0"],
@@ -90,6 +93,15 @@ def test_bad_value_inside_a_sweep_is_caught_before_any_job(tmp_path):
     with pytest.raises(ConfigError, match="tissue=brain"):
         preflight(["-m", "tissue=muscle,brain", "seed=0,1"])
     preflight(["-m", "tissue=muscle,lung", "seed=0,1", "grid=tiny"])  # good sweep passes
+
+
+def test_limits_of_a_field_the_run_does_not_have_do_not_apply():
+    """An explicit solver too slow for this dt on the rituximab field fails only in runs that
+    have that field (therapy=rituximab), not in a CD19 run."""
+    over = ["fields.rituximab.solver=explicit", "grid=medium"]
+    preflight([*over, "therapy=cd19"])
+    with pytest.raises(ConfigError, match="fields.rituximab.solver=explicit needs"):
+        preflight([*over, "therapy=rituximab"])
 
 
 def test_negative_tissue_length_is_rejected():

@@ -117,6 +117,19 @@ def test_resume_refuses_to_change_the_model(tmp_path):
     cfg = tissuesim.load_config([*BASE, f"resume={tmp_path / 'nowhere'}"])
     with pytest.raises(ConfigError, match=r"no snapshots\.h5 there"):
         run_to_directory(cfg, tmp_path / "c", overrides=[])
+    # a run saved by a version with a key this one has dropped: one line saying so
+    import h5py
+    from omegaconf import OmegaConf
+
+    with h5py.File(tmp_path / "a" / "snapshots.h5", "r+") as f:
+        saved = OmegaConf.create(f.attrs["config"])
+        OmegaConf.update(saved, "biology.rituximab_tissue_penetration", 0.1, force_add=True)
+        f.attrs["config"] = OmegaConf.to_yaml(saved)
+    cfg = tissuesim.load_config([*BASE, f"resume={tmp_path / 'a'}"])
+    with pytest.raises(ConfigError) as info:
+        run_to_directory(cfg, tmp_path / "d", overrides=[f"resume={tmp_path / 'a'}"])
+    msg = str(info.value)
+    assert "\n" not in msg and "does not fit this version" in msg and "rituximab_tissue_penetration" in msg
 
 
 def test_restore_from_a_checkpoint_without_a_newer_cell_attribute(caplog):

@@ -199,10 +199,12 @@ class Immunology:
             masks.append(np.isin(np.asarray(cell_types), list(c.uptake_by)))
             rates.append(ifng_nM_per_min_per_cell(c.uptake_molecules_per_cell_per_s, self.voxel_um3))
             kds.append(c.uptake_kd_nM)
-        if len(fields) > 8:
-            raise ValueError(f"fields with uptake: {len(fields)}; at most 8 (one bit each per cell type)")
+        assert len(fields) <= 8, "config.validate allows at most 8 fields with uptake"
         self.n_up = len(fields)
         self.uptake = self.xp.zeros_like(f.values) if fields else None
+        # source_fields' uptake argument when there is none: never written, but an array of its
+        # own (the kernel's pointers are __restrict__, so it may not alias the sources)
+        self._no_uptake = self.xp.zeros(1, dtype=f.values.dtype)
         consumes = np.zeros(len(cell_types), np.uint8)
         for k, m in enumerate(masks):
             consumes[m] |= np.uint8(1 << k)
@@ -647,7 +649,7 @@ class Immunology:
                 self._up_field_d,
                 self._up_rate_d,
                 self._up_kd_d,
-                self.source if self.uptake is None else self.uptake,  # not written without uptake
+                self._no_uptake if self.uptake is None else self.uptake,
             ),
         )
 

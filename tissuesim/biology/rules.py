@@ -274,8 +274,9 @@ class FateTables:
 
     Keys: kt = 2 type + activated (type, state); kd = 2 kt + stimulated (division).
     death, cd20 : float64 / bool (ntypes,) (rituximab's hazard is added per cell, where it acts);
-    p_death : float64 (ntypes,) death probability over dt without rituximab; p_div : float64 (4 ntypes,) division probability over dt; r_state : float64 (2 ntypes,)
-    constant state-change rates (1/min); kind : int8 (2 ntypes,) 1 where the rate is the resting
+    p_death : float64 (ntypes,) death probability over dt without rituximab; p_div : float64
+    (4 ntypes,) division probability over dt; r_state : float64 (2 ntypes,) constant
+    state-change rates (1/min); kind : int8 (2 ntypes,) 1 where the rate is the resting
     B cell's (b_act x damage), 2 the resting macrophage's (IFN-gamma and damage), 0 constant;
     new_type, new_state : uint8 (2 ntypes,) type and state after a state change. All arrays of
     the backend (``xp``), made once.
