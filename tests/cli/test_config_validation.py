@@ -100,7 +100,7 @@ def test_limits_of_a_field_the_run_does_not_have_do_not_apply():
     have that field (therapy=rituximab), not in a CD19 run."""
     over = ["fields.rituximab.solver=explicit", "grid=medium"]
     preflight([*over, "therapy=cd19"])
-    with pytest.raises(ConfigError, match="fields.rituximab.solver=explicit needs"):
+    with pytest.raises(ConfigError, match=r"fields\.rituximab\.solver=explicit needs"):
         preflight([*over, "therapy=rituximab"])
 
 

@@ -496,3 +496,34 @@ def test_dirichlet_faces_of_a_one_voxel_axis_both_act(be, solver):
     for _ in range(400):
         fs.step()
     np.testing.assert_allclose(be.asnumpy(fs["c"]), 2.0, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("share", [0.02, 0.6], ids=["few-voxels", "most-voxels"])
+def test_reaction_with_uptake_in_some_voxels_equals_its_formula(dtype, share):
+    """ops.react_numpy with uptake (lambda > 0) in a share of the voxels, which takes the cached
+    exponentials of k + vessel rate and recomputes them only there (or everywhere when most voxels
+    take up): every voxel equals u e^{-a h} + b h phi1(a h), a = k + lambda + vr, b = S + vr c_b,
+    evaluated here on the whole grid; with the budget term too."""
+    from tissuesim.fields import ops
+
+    rs = np.random.default_rng(int(share * 100))
+    shape = (3, 2, 30, 20)
+    u = rs.random(shape).astype(dtype)
+    lam = np.where(rs.random(shape) < share, rs.random(shape), 0).astype(dtype)
+    lam[2] = 0  # a field without uptake beside two with
+    k = np.array([0.01, 0.02, 0.03])
+    vr = (0.01 * (rs.random(shape[1:]) < 0.1)).astype(dtype)
+    src = (0.1 * rs.random(shape)).astype(dtype)
+    cb = np.array([1.0, 0.5, 0.0])
+    h = 7.0
+    for budget in (False, True):
+        got = u.copy()
+        U = np.zeros_like(u) if budget else None
+        ops.react_numpy(got, np.arange(3), k, lam, src, vr, cb, h, U=U)
+        want = np.empty_like(u)
+        for s in range(3):
+            a = k[s] + lam[s].astype(np.float64) + vr.astype(np.float64)
+            b = src[s].astype(np.float64) + vr.astype(np.float64) * cb[s]
+            want[s] = u[s] * np.exp(-a * h) + b * h * ops.phi1(a * h)
+        np.testing.assert_array_equal(got, want)

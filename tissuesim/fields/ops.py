@@ -561,16 +561,19 @@ def react_numpy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
 
     Computed in float64 whatever u's dtype, term by term as the kernel does (b = src + r cb,
     u e^{-z} + (b h) phi1), one block of REACT_BLOCK voxels at a time through two kept float64
-    work blocks. Without uptake (lam None, or a field's lam all zero) and budget (U None), nothing
-    of grid size is allocated: the exponentials of the fixed rate are cached across steps (see
-    _react_coefficients_cached); uptake makes them per step, the budget allocates its terms.
+    work blocks. Without the budget (U None) nothing of grid size is allocated: the exponentials of
+    the fixed rate are cached across steps (see _react_coefficients_cached), and uptake recomputes
+    them only in the voxels where it is nonzero (_with_uptake); the budget allocates its terms.
     """
     for name, a in (("u", u), ("U", U)):
         if a is not None and not a.flags.c_contiguous:  # written through flat views below
             raise ValueError(f"react_numpy: {name} must be C-contiguous (got strides {a.strides})")
     nvox = int(np.prod(u.shape[1:]))
     blk = min(nvox, REACT_BLOCK)
-    wu, wb = _scratch(np.float64, 2 * blk).reshape(2, blk)
+    # two work blocks, and with uptake three grid-sized coefficient arrays, from one kept buffer
+    work = _scratch(np.float64, 2 * blk + (0 if lam is None else 3 * nvox))
+    wu, wb = work[: 2 * blk].reshape(2, blk)
+    coef = None if lam is None else work[2 * blk :].reshape(3, nvox)
     uf = u.reshape(u.shape[0], nvox)
     srcf = None if src is None else src.reshape(src.shape[0], nvox)
     vrf = None if vr is None else vr.reshape(-1, nvox)
@@ -579,13 +582,12 @@ def react_numpy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
         r = None if vrf is None else vrf[0 if vr.ndim == 3 else s]
         cbs = float(cb[s]) if (cb is not None and r is not None) else None
         # a field without uptake keeps its cached exponentials (the same floats: k + 0 + r = k + r)
-        if lam is None or not lam[s].any():
-            e, p1, p2 = _react_coefficients_cached(s, float(k[s]), vr, r, h, U is not None)
-        else:
-            a = float(k[s]) + lam[s].reshape(nvox).astype(np.float64)
-            if r is not None:
-                a += r
-            e, p1, p2 = _react_coefficients(a, h, U is not None)
+        e, p1, p2 = _react_coefficients_cached(s, float(k[s]), vr, r, h, U is not None)
+        if lam is not None:
+            lam_s = lam[s].reshape(nvox)
+            taking = lam_s > 0  # (a bool array's nonzero is several times a float array's)
+            if taking.any():
+                e, p1, p2 = _with_uptake((e, p1, p2), float(k[s]), lam_s, np.flatnonzero(taking), r, h, coef)
         has_b = srcf is not None or cbs is not None
         for v0 in range(0, nvox, blk):
             v1 = min(v0 + blk, nvox)
@@ -612,6 +614,36 @@ def react_numpy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
                 b *= _part(p1, sl)
                 u0 += b
             uf[s, sl] = u0
+
+
+def _with_uptake(cached, k, lam, nz, r, h, coef):
+    """The coefficients of a = k + lam + r (lam float (nvox,) >= 0, nonzero at the indices nz; r
+    vessel rates or None) from those of a = k + r (``cached``), recomputed only where lam > 0:
+    uptake comes from cells, so it is nonzero in a few percent of the voxels, and the exponentials
+    of the rest are the cached ones. Written into coef (float64 (3, nvox), kept work memory);
+    where more than a quarter of the voxels take up, all are recomputed. Returns (e, p1, p2 or
+    None)."""
+    nvox = lam.shape[0]
+    want_p2 = cached[2] is not None
+    if 4 * nz.size > nvox:
+        a = k + lam.astype(np.float64)
+        if r is not None:
+            a += r
+        return _react_coefficients(a, h, want_p2)
+    a = k + lam[nz].astype(np.float64)
+    if r is not None:
+        a += r[nz]
+    fresh = _react_coefficients(a, h, want_p2)
+    out = []
+    for i, (c, cn) in enumerate(zip(cached, fresh)):
+        if cn is None:
+            out.append(None)
+            continue
+        full = coef[i]
+        full[...] = c  # an array, or a scalar where the rate is the same everywhere
+        full[nz] = cn
+        out.append(full)
+    return tuple(out)
 
 
 def _part(c, sl):
