@@ -434,17 +434,16 @@ def validate(cfg: DictConfig | Config) -> None:
     ]
     if len(uptaking) > 8:
         _fail(
-            "fields", f"{len(uptaking)} fields with uptake", "allowed: at most 8 (one bit each per cell type)"
+            "fields", ",".join(uptaking), "allowed: at most 8 fields with uptake (one bit each per cell type)"
         )
-    given = {inf.product for inf in cfg.therapy.infusions}
-    for product in sorted(given - {f.with_product for f in cfg.fields.values()}):
-        if product == "rituximab":  # an antibody acts in the tissue through its field
-            _fail(
-                "therapy.infusions",
-                product,
-                "the tissue level of rituximab is a field: allowed when a field has with_product: "
-                "rituximab (conf/config.yaml fields.rituximab)",
-            )
+    if any(inf.product == "rituximab" for inf in cfg.therapy.infusions) and "rituximab" not in present:
+        # rituximab acts in the tissue through the field of that name (its level at each cell)
+        _fail(
+            "therapy.infusions",
+            "rituximab",
+            "allowed when the run has a field named rituximab (its tissue level; conf/config.yaml "
+            "fields.rituximab)",
+        )
 
     for name, f in cfg.fields.items():
         if f.solver not in SOLVERS:

@@ -142,12 +142,18 @@ def resumed_config(cfg: DictConfig, overrides: list[str] | None = None) -> tuple
         changed.append(key)
     with open_run(h5) as r:
         saved = OmegaConf.create(r.attrs["config"])
-    base = OmegaConf.structured(Config)
-    base.tissue = OmegaConf.structured(TISSUE_SCHEMAS[saved.tissue.name])
-    base.therapy = OmegaConf.structured(TherapyConfig)
-    base.grid = OmegaConf.structured(GridConfig)
-    base.backend = OmegaConf.structured(BackendConfig)
     try:
+        tissue = OmegaConf.select(saved, "tissue.name")
+        if tissue not in TISSUE_SCHEMAS:
+            raise ConfigError(
+                f"resume={cfg.resume}: its tissue {tissue!r} is not one of this version's "
+                f"({', '.join(sorted(TISSUE_SCHEMAS))})"
+            )
+        base = OmegaConf.structured(Config)
+        base.tissue = OmegaConf.structured(TISSUE_SCHEMAS[tissue])
+        base.therapy = OmegaConf.structured(TherapyConfig)
+        base.grid = OmegaConf.structured(GridConfig)
+        base.backend = OmegaConf.structured(BackendConfig)
         new = OmegaConf.merge(base, saved)
     except OmegaConfBaseException as e:  # a key this version no longer has (or a changed type)
         raise ConfigError(

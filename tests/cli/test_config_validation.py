@@ -70,7 +70,11 @@ BAD = [
     ),
     (["fields.ifng.uptake_kd_nM=0"], ["fields.ifng.uptake_kd_nM=0", "> 0"]),
     (["fields.rituximab.uptake_by=[b_cell]"], ["fields.rituximab.units='ug/mL'", "nM"]),
-    (["therapy=rituximab", "~fields.rituximab"], ["therapy.infusions='rituximab'", "with_product"]),
+    (["therapy=rituximab", "~fields.rituximab"], ["therapy.infusions='rituximab'", "field named rituximab"]),
+    (
+        ["therapy=rituximab", "fields.rituximab.with_product=cd19_car_t"],
+        ["therapy.infusions='rituximab'", "field named"],
+    ),
     (["fields.rituximab.diffuses_as=null"], ["fields.rituximab.diffuses_as=null", "'rituximab' must name"]),
     (
         ["fields.ifng.uptake_molecules_per_cell_per_s=-1"],

@@ -500,15 +500,18 @@ def test_dirichlet_faces_of_a_one_voxel_axis_both_act(be, solver):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("share", [0.02, 0.6], ids=["few-voxels", "most-voxels"])
-def test_reaction_with_uptake_in_some_voxels_equals_its_formula(dtype, share):
+@pytest.mark.parametrize("plane", [(30, 20), (150, 120)], ids=["one-block", "two-blocks"])
+def test_reaction_with_uptake_in_some_voxels_equals_its_formula(dtype, share, plane):
     """ops.react_numpy with uptake (lambda > 0) in a share of the voxels, which takes the cached
-    exponentials of k + vessel rate and recomputes them only there (or everywhere when most voxels
-    take up): every voxel equals u e^{-a h} + b h phi1(a h), a = k + lambda + vr, b = S + vr c_b,
-    evaluated here on the whole grid; with the budget term too."""
+    exponentials of k + vessel rate and recomputes them only there, block by block (or everywhere
+    when most voxels take up): every voxel equals u e^{-a h} + b h phi1(a h), a = k + lambda + vr,
+    b = S + vr c_b, evaluated here on the whole grid; with the budget term too; a grid of one work
+    block and one of two (ops.REACT_BLOCK voxels each)."""
     from tissuesim.fields import ops
 
     rs = np.random.default_rng(int(share * 100))
-    shape = (3, 2, 30, 20)
+    shape = (3, 2, *plane)
+    assert (2 * plane[0] * plane[1] > ops.REACT_BLOCK) == (plane[0] > 100)
     u = rs.random(shape).astype(dtype)
     lam = np.where(rs.random(shape) < share, rs.random(shape), 0).astype(dtype)
     lam[2] = 0  # a field without uptake beside two with

@@ -130,6 +130,12 @@ def test_resume_refuses_to_change_the_model(tmp_path):
         run_to_directory(cfg, tmp_path / "d", overrides=[f"resume={tmp_path / 'a'}"])
     msg = str(info.value)
     assert "\n" not in msg and "does not fit this version" in msg and "rituximab_tissue_penetration" in msg
+    with h5py.File(tmp_path / "a" / "snapshots.h5", "r+") as f:  # a tissue this version lacks
+        f.attrs["config"] = f.attrs["config"].replace("name: muscle", "name: skin")
+    with pytest.raises(
+        ConfigError, match=r"its tissue 'skin' is not one of this version's \(from_labels, joint"
+    ):
+        run_to_directory(cfg, tmp_path / "e", overrides=[f"resume={tmp_path / 'a'}"])
 
 
 def test_restore_from_a_checkpoint_without_a_newer_cell_attribute(caplog):

@@ -570,10 +570,10 @@ def react_numpy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
             raise ValueError(f"react_numpy: {name} must be C-contiguous (got strides {a.strides})")
     nvox = int(np.prod(u.shape[1:]))
     blk = min(nvox, REACT_BLOCK)
-    # two work blocks, and with uptake three grid-sized coefficient arrays, from one kept buffer
-    work = _scratch(np.float64, 2 * blk + (0 if lam is None else 3 * nvox))
+    # two work blocks, and with uptake three blocks of coefficients, from one kept buffer
+    work = _scratch(np.float64, (2 if lam is None else 5) * blk)
     wu, wb = work[: 2 * blk].reshape(2, blk)
-    coef = None if lam is None else work[2 * blk :].reshape(3, nvox)
+    cblk = None if lam is None else work[2 * blk :].reshape(3, blk)
     uf = u.reshape(u.shape[0], nvox)
     srcf = None if src is None else src.reshape(src.shape[0], nvox)
     vrf = None if vr is None else vr.reshape(-1, nvox)
@@ -582,18 +582,22 @@ def react_numpy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
         r = None if vrf is None else vrf[0 if vr.ndim == 3 else s]
         cbs = float(cb[s]) if (cb is not None and r is not None) else None
         # a field without uptake keeps its cached exponentials (the same floats: k + 0 + r = k + r)
-        e, p1, p2 = _react_coefficients_cached(s, float(k[s]), vr, r, h, U is not None)
+        coefs = _react_coefficients_cached(s, float(k[s]), vr, r, h, U is not None)
+        fix = None
         if lam is not None:
             lam_s = lam[s].reshape(nvox)
             taking = lam_s > 0  # (a bool array's nonzero is several times a float array's)
             if taking.any():
-                e, p1, p2 = _with_uptake((e, p1, p2), float(k[s]), lam_s, np.flatnonzero(taking), r, h, coef)
+                coefs, fix = _with_uptake(coefs, float(k[s]), lam_s, np.flatnonzero(taking), r, h)
         has_b = srcf is not None or cbs is not None
         for v0 in range(0, nvox, blk):
             v1 = min(v0 + blk, nvox)
             m = v1 - v0
             u0, b = wu[:m], wb[:m]
             sl = slice(v0, v1)
+            e, p1, p2 = (_part(c, sl) for c in coefs)
+            if fix is not None:  # this block's voxels with uptake get their own coefficients
+                e, p1, p2 = _fixed_block(fix, (e, p1, p2), v0, v1, cblk[:, :m])
 
             u0[...] = uf[s, sl]
             if has_b:
@@ -605,45 +609,55 @@ def react_numpy(u, slots, k, lam, src, vr, cb, h, U=None) -> None:
                     b[...] = srcf[s, sl]
                 b *= h
             if Uf is not None:  # the budget path (tests, budget tracking) may allocate
-                Ui = u0 * h * _part(p1, sl)
+                Ui = u0 * h * p1
                 if has_b:
-                    Ui += b * h * _part(p2, sl)
+                    Ui += b * h * p2
                 Uf[s, sl] = Ui
-            u0 *= _part(e, sl)
+            u0 *= e
             if has_b:
-                b *= _part(p1, sl)
+                b *= p1
                 u0 += b
             uf[s, sl] = u0
 
 
-def _with_uptake(cached, k, lam, nz, r, h, coef):
-    """The coefficients of a = k + lam + r (lam float (nvox,) >= 0, nonzero at the indices nz; r
-    vessel rates or None) from those of a = k + r (``cached``), recomputed only where lam > 0:
-    uptake comes from cells, so it is nonzero in a few percent of the voxels, and the exponentials
-    of the rest are the cached ones. Written into coef (float64 (3, nvox), kept work memory);
-    where more than a quarter of the voxels take up, all are recomputed. Returns (e, p1, p2 or
-    None)."""
-    nvox = lam.shape[0]
+def _with_uptake(cached, k, lam, nz, r, h):
+    """The coefficients of a = k + lam + r (lam float (nvox,) >= 0, nonzero at the sorted indices
+    nz; r vessel rates or None), given those of a = k + r (``cached``).
+
+    Uptake comes from cells, so it is nonzero in a few percent of the voxels: there the
+    coefficients are computed anew and returned as fix = (nz, e, p1, p2 or None) for
+    _fixed_block, beside the cached ones for the rest (no grid-sized memory). Where more than a
+    quarter of the voxels take up, all are computed anew (fix None). Returns (coefficients, fix).
+    """
     want_p2 = cached[2] is not None
-    if 4 * nz.size > nvox:
+    if 4 * nz.size > lam.shape[0]:
         a = k + lam.astype(np.float64)
         if r is not None:
             a += r
-        return _react_coefficients(a, h, want_p2)
+        return _react_coefficients(a, h, want_p2), None
     a = k + lam[nz].astype(np.float64)
     if r is not None:
         a += r[nz]
-    fresh = _react_coefficients(a, h, want_p2)
-    out = []
-    for i, (c, cn) in enumerate(zip(cached, fresh)):
+    return cached, (nz, *_react_coefficients(a, h, want_p2))
+
+
+def _fixed_block(fix, coefs, v0: int, v1: int, out):
+    """The block [v0, v1) of the coefficients with the voxels of ``fix`` (see _with_uptake) set
+    to theirs, written into out (float64 (3, v1 - v0)) where the block has any."""
+    nz = fix[0]
+    i0, i1 = np.searchsorted(nz, (v0, v1))
+    if i0 == i1:
+        return coefs
+    at = nz[i0:i1] - v0
+    res = []
+    for c, cn, o in zip(coefs, fix[1:], out):
         if cn is None:
-            out.append(None)
+            res.append(None)
             continue
-        full = coef[i]
-        full[...] = c  # an array, or a scalar where the rate is the same everywhere
-        full[nz] = cn
-        out.append(full)
-    return tuple(out)
+        o[...] = c  # a block of an array, or a scalar where the rate is the same everywhere
+        o[at] = cn[i0:i1]
+        res.append(o)
+    return tuple(res)
 
 
 def _part(c, sl):
