@@ -659,7 +659,8 @@ class Immunology:
         vox : int64 (n,) voxel of each cell; engaged, alive : bool (n,); t : int64 (n,) types
         (read from the population when None).
 
-        Works in place: the per-voxel counts go into a kept int32 buffer (3 nvox + 1) by
+        Works in place: the per-voxel counts (and the uptake fields' consumers, from which
+        _uptake_rates fills self.uptake) go into a kept int32 buffer ((3 + n_up) nvox + 1) by one
         scatter-add and every field-sized product is written with ``out=`` into the source array
         or two kept fields (self._work, self._work2), so the step allocates nothing of grid size here.
         The floats are those of the plain expressions (float32 count x float32 rate, the same
