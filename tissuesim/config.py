@@ -279,6 +279,11 @@ def group_options(group: str) -> list[str]:
 # semantic validation
 
 
+def takes_up(f) -> bool:
+    """Whether cells take field config ``f`` up (uptake_by names types, at a rate above 0)."""
+    return bool(f.uptake_by) and f.uptake_molecules_per_cell_per_s > 0
+
+
 def active_fields(cfg) -> list[str]:
     """The names of the fields a run of ``cfg`` has, in config order: every entry of
     ``cfg.fields`` except those whose ``with_product`` no infusion of the therapy gives."""
@@ -429,9 +434,7 @@ def validate(cfg: DictConfig | Config) -> None:
             _fail(f"fields.{name}.uptake_kd_nM", f.uptake_kd_nM, "must be > 0 nM")
         if f.with_product is not None and f.with_product not in PRODUCTS:
             _fail(f"fields.{name}.with_product", f.with_product, f"allowed: null, {', '.join(PRODUCTS)}")
-    uptaking = [
-        n for n in present if cfg.fields[n].uptake_by and cfg.fields[n].uptake_molecules_per_cell_per_s > 0
-    ]
+    uptaking = [n for n in present if takes_up(cfg.fields[n])]
     if len(uptaking) > 8:
         _fail(
             "fields", ",".join(uptaking), "allowed: at most 8 fields with uptake (one bit each per cell type)"

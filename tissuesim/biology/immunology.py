@@ -189,11 +189,13 @@ class Immunology:
         uptake: lambda = n_consumers x up_rate / (up_kd + max(u, 0)) in the up_field rows, 0
         elsewhere (the field step integrates -lambda u exactly over the step, lambda taken at
         the step's start)."""
+        from tissuesim.config import takes_up
+
         f = self.sim.fields
         fields, masks, rates, kds = [], [], [], []
         for name in f.names:
             c = cfg.fields[name]
-            if not c.uptake_by or c.uptake_molecules_per_cell_per_s == 0:
+            if not takes_up(c):
                 continue
             fields.append(f.index(name))
             masks.append(np.isin(np.asarray(cell_types), list(c.uptake_by)))

@@ -364,11 +364,10 @@ def cell_fates(
 
     Rules: death with hazard death_per_min, plus rates['rtx_kill'] r / (r + rates['rtx_ec50'])
     for CD20+ cells at rituximab level r = max(rtx_at, 0) (the antibody acts where it is);
-    division of B cells (faster when
-    activated) and of CAR-T stimulated by a kill within rates['stim_window']; one state change
-    per cell (resting B -> activated at b_act x damage; activated B -> plasmablast;
-    plasmablast -> plasma cell; resting macrophage -> activated at IFN-gamma and damage rates,
-    activated -> resting). Each probability is 1 - exp(-rate dt) of the cell's rate, gathered
+    division of B cells (faster when activated) and of CAR-T stimulated by a kill within
+    rates['stim_window']; one state change per cell (resting B -> activated at b_act x damage;
+    activated B -> plasmablast; plasmablast -> plasma cell; resting macrophage -> activated at
+    IFN-gamma and damage rates, activated -> resting). Each probability is 1 - exp(-rate dt) of the cell's rate, gathered
     from per-type tables where the rate is constant.
     """
     xp = pop.xp

@@ -629,16 +629,13 @@ def _with_uptake(cached, k, lam, nz, r, h):
     _fixed_block, beside the cached ones for the rest (no grid-sized memory). Where more than a
     quarter of the voxels take up, all are computed anew (fix None). Returns (coefficients, fix).
     """
-    want_p2 = cached[2] is not None
-    if 4 * nz.size > lam.shape[0]:
-        a = k + lam.astype(np.float64)
-        if r is not None:
-            a += r
-        return _react_coefficients(a, h, want_p2), None
-    a = k + lam[nz].astype(np.float64)
+    dense = 4 * nz.size > lam.shape[0]
+    at = slice(None) if dense else nz
+    a = k + lam[at].astype(np.float64)
     if r is not None:
-        a += r[nz]
-    return cached, (nz, *_react_coefficients(a, h, want_p2))
+        a += r[at]
+    fresh = _react_coefficients(a, h, cached[2] is not None)
+    return (fresh, None) if dense else (cached, (nz, *fresh))
 
 
 def _fixed_block(fix, coefs, v0: int, v1: int, out):
